@@ -1,0 +1,137 @@
+"""``create_app``: the relay as an aiohttp application. Importing this module does nothing.
+
+The request path, in order (one middleware, visible here):
+
+1. ``bookkeeping``: gives the request its id and :class:`Exchange`, renders relay errors as
+   the envelope (only ever before a response is prepared), and in one ``finally`` records
+   the request's metrics and its ``request_finished`` log line, whatever way it ended.
+2. the handler: ``/healthz`` and ``/readyz``, else :func:`relay.proxy.relay` for every other
+   path, which decides from the raw path what is relayed (404/405/400 included).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from relay import headers, health, proxy
+from relay.config import Config
+from relay.errors import MethodNotAllowed, NotFound, PayloadTooLarge, RelayError
+from relay.exchange import REJECTED, Exchange
+from relay.metrics import RelayMetrics
+from relay.policy import Allowlist
+from relay.state import EXCHANGE, STATE, AppState
+from relay.upstream import create_session
+
+logger = structlog.get_logger("relay")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT_LEFT = 499  # the status recorded when the client left before any response (nginx's)
+
+
+def create_app(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """Build the public relay app. ``registry`` defaults to a fresh one per app."""
+    state = AppState(
+        config=config,
+        metrics=RelayMetrics(registry),
+        allowlist=Allowlist(config.allowed_models),
+        upstream_base=config.upstream_url,
+        auth_value=f"Bearer {config.api_key}",
+    )
+    app = web.Application(
+        middlewares=[_bookkeeping(state, clock)],
+        client_max_size=config.max_body_bytes,
+        handler_args={"max_field_size": 16384},
+    )
+    app[STATE] = state
+    app.cleanup_ctx.append(_upstream_session)
+    health.add_routes(app.router, state)
+    if config.admin_shares_public_listener:
+        health.add_metrics_route(app.router, state.metrics.registry)
+    app.router.add_route("*", "/{tail:.*}", proxy.relay)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.session = create_session(state.config)
+    yield
+    await state.session.close()
+
+
+def _bookkeeping(state: AppState, clock: Callable[[], float]) -> Any:
+    metrics = state.metrics
+
+    @web.middleware
+    async def bookkeeping(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in health.QUIET_PATHS:
+            return await handler(request)
+        request_id = headers.request_id_from(request.headers.getall("X-Request-ID", ()))
+        exchange = Exchange(request_id=request_id, client=request.remote or "-", started=clock())
+        request[EXCHANGE] = exchange
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                return await handler(request)
+            except RelayError as exc:
+                return _render(exchange, exc)
+            except web.HTTPException as exc:  # aiohttp's own refusals, in our envelope
+                return _render(exchange, _translate(exc))
+            finally:
+                duration = clock() - exchange.started
+                if exchange.status == 0:
+                    exchange.status = CLIENT_LEFT
+                metrics.finish(exchange, duration)
+                _log_finished(exchange, duration)
+
+    return bookkeeping
+
+
+def _render(exchange: Exchange, exc: RelayError) -> web.Response:
+    exchange.status = exc.status
+    exchange.error = exc.code
+    if not exchange.upstream_contacted:
+        exchange.outcome = REJECTED
+    response = web.Response(
+        status=exc.status,
+        body=exc.envelope(),
+        content_type="application/json",
+        headers=exc.headers(),
+    )
+    response.headers["X-Request-ID"] = exchange.request_id
+    return response
+
+
+def _translate(exc: web.HTTPException) -> RelayError:
+    if exc.status == 413:
+        return PayloadTooLarge("request body too large")
+    if exc.status == 405:
+        return MethodNotAllowed("method not allowed", allow=())
+    return NotFound("no relayed route at this path")
+
+
+def _log_finished(exchange: Exchange, duration: float) -> None:
+    ttfb = exchange.first_byte_at
+    logger.info(
+        "request_finished",
+        route=exchange.route,
+        model=exchange.requested_model or exchange.model,
+        status=exchange.status,
+        outcome=exchange.outcome,
+        error=exchange.error or exchange.detail,
+        bytes_in=exchange.bytes_in,
+        bytes_out=exchange.bytes_out,
+        chunks=exchange.chunks,
+        ttfb_ms=None if ttfb is None else round((ttfb - exchange.started) * 1000, 3),
+        duration_ms=round(duration * 1000, 3),
+        client=exchange.client,
+    )

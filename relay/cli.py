@@ -1,0 +1,118 @@
+"""The ``relay`` command: parse -> load config -> configure logging -> run. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from relay import __version__, log, server
+from relay.config import ConfigError, load_config
+from relay.mock_upstream import create_mock_app
+
+_OVERRIDES = ("host", "port", "admin_host", "admin_port", "upstream_url", "log_level", "log_format")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="A transparent streaming relay for AI inference APIs."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", metavar="FILE", help="TOML file (or RELAY_CONFIG)")
+        p.add_argument("--host", help="public listen address (RELAY_HOST)")
+        p.add_argument("--port", help="public listen port (RELAY_PORT)")
+        p.add_argument("--admin-host", help="admin listen address (RELAY_ADMIN_HOST)")
+        p.add_argument("--admin-port", help="admin listen port (RELAY_ADMIN_PORT)")
+        p.add_argument("--upstream-url", help="upstream origin (RELAY_UPSTREAM_URL)")
+        p.add_argument("--log-level", help="debug, info, warning, error (RELAY_LOG_LEVEL)")
+        p.add_argument("--log-format", help="json or console (RELAY_LOG_FORMAT)")
+        return p
+
+    with_config(commands.add_parser("serve", help="run the relay"))
+    with_config(
+        commands.add_parser(
+            "check-config", help="validate the configuration and print it, secrets redacted"
+        )
+    )
+    demo = commands.add_parser("demo", help="run the relay in front of the built-in mock upstream")
+    demo.add_argument("--port", help="public port (RELAY_PORT, default 8080)")
+    mock = commands.add_parser("mock-upstream", help="run only the built-in mock upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8090)
+    mock.add_argument("--key", default="", help="the API key it expects (default: any)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    environ = dict(os.environ) if environ is None else environ
+    if args.command == "mock-upstream":
+        log.configure()
+        web.run_app(create_mock_app(args.key), host=args.host, port=args.port, print=None)
+        return 0
+    if args.command == "demo":
+        return _demo(args, environ)
+
+    overrides = {name: getattr(args, name) for name in _OVERRIDES}
+    try:
+        config = load_config(args.config, environ, overrides, require_key=True)
+    except ConfigError as exc:
+        print("relay: bad configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(json.dumps(config.redacted(), indent=2))
+        return 0
+    log.configure(config.log_level, config.log_format, secrets=[config.api_key])
+    server.run(lambda: server.serve(config))
+    return 0
+
+
+def _demo(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    """The relay on RELAY_PORT in front of the mock upstream on a free loopback port."""
+    key = "demo-" + secrets.token_urlsafe(24)
+    overrides: dict[str, Any] = {"port": args.port, "host": "127.0.0.1", "log_format": "console"}
+    env = {k: v for k, v in environ.items() if k.startswith("RELAY_") and k != "RELAY_CONFIG"}
+    env.pop("RELAY_UPSTREAM_URL", None)
+    env["WAVESPEED_API_KEY"] = key
+    try:
+        config = load_config(None, env, overrides)
+    except ConfigError as exc:
+        print("relay demo: bad configuration:", *exc.problems, sep="\n  - ", file=sys.stderr)
+        return 2
+    log.configure("info", "console", secrets=[key])
+
+    async def demo() -> None:
+        mock = web.AppRunner(create_mock_app(key), access_log=None)
+        await mock.setup()
+        await web.TCPSite(mock, "127.0.0.1", 0).start()
+        host, port = mock.addresses[0][:2]
+        relay_config = replace(config, upstream_url=f"http://{host}:{port}")
+
+        def ready(url: str, admin_url: str) -> None:
+            print(f"\nwavespeed-relay demo: relay on {url}, mock upstream behind it.")
+            print("Try a stream:")
+            print(
+                f"  curl -N -X POST {url}/api/v3/wavespeed-ai/any-llm/stream "
+                "-H 'Content-Type: application/json' -d '{\"prompt\": \"hi\"}'"
+            )
+            print(f"Metrics: {admin_url}/metrics    Ctrl-C stops.\n", flush=True)
+
+        try:
+            await server.serve(relay_config, on_ready=ready)
+        finally:
+            await mock.cleanup()
+
+    server.run(demo)
+    return 0

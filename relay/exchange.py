@@ -1,0 +1,42 @@
+"""The record of one request as it crosses the relay: what the log line and metrics report.
+
+Filled in by the handler as it goes; read once when the request ends, whatever way it ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Stream outcomes (the ``outcome`` label). ``shutdown`` marks streams still open when the
+# drain grace after SIGTERM ran out; ``rejected`` marks requests answered by the relay itself.
+COMPLETED = "completed"
+CLIENT_CLOSED = "client_closed"
+UPSTREAM_ERROR = "upstream_error"
+TTFB_TIMEOUT = "ttfb_timeout"
+IDLE_TIMEOUT = "idle_timeout"
+MAX_DURATION = "max_duration"
+SHUTDOWN = "shutdown"
+REJECTED = "rejected"
+
+NO_MODEL = "-"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request facts. Times are ``time.monotonic()`` seconds."""
+
+    request_id: str
+    client: str
+    started: float
+    route: str = "-"
+    model: str = NO_MODEL  # only an allowlisted id or "-": safe as a metric label
+    requested_model: str | None = None  # what the client asked for (logs only)
+    status: int = 0
+    outcome: str = REJECTED
+    error: str | None = None  # data.error of the envelope the relay answered with
+    detail: str | None = None  # the exception class that cut a stream (logs only)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    chunks: int = 0
+    first_byte_at: float | None = None
+    upstream_contacted: bool = False  # stream metrics apply from here on

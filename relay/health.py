@@ -1,0 +1,40 @@
+"""``/healthz`` (the process runs), ``/readyz`` (it takes new streams), ``/metrics``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from relay.state import AppState
+
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # neither logged nor counted
+
+
+def add_routes(router: web.UrlDispatcher, state: AppState) -> None:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if state.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    router.add_get("/healthz", healthz, allow_head=True)
+    router.add_get("/readyz", readyz, allow_head=True)
+
+
+def add_metrics_route(router: web.UrlDispatcher, registry: CollectorRegistry) -> None:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    router.add_get("/metrics", metrics)
+
+
+def create_admin_app(state: AppState) -> web.Application:
+    """The admin listener: metrics and health, nothing relayed."""
+    app = web.Application()
+    add_routes(app.router, state)
+    add_metrics_route(app.router, state.metrics.registry)
+    return app

@@ -1,0 +1,105 @@
+"""Running the relay: listeners, signals and the graceful drain. No request logic here.
+
+On SIGTERM (or SIGINT) the public listener stops accepting, ``/readyz`` answers 503, new
+requests on kept-alive connections get 503 ``shutting_down``, open streams may finish for
+``RELAY_SHUTDOWN_GRACE`` seconds, then what is left is cut (outcome ``shutdown``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from relay.app import create_app
+from relay.config import Config
+from relay.exchange import SHUTDOWN
+from relay.health import create_admin_app
+from relay.state import STATE
+
+logger = structlog.get_logger("relay.server")
+
+# After the grace ran out and the streams were cut, how long their handlers may take to end.
+CUT_SETTLE_SECONDS = 5.0
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """A runner whose handlers are cancelled when their client disconnects."""
+    return web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_SETTLE_SECONDS
+    )
+
+
+async def serve(
+    config: Config,
+    *,
+    app: web.Application | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[str, str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
+    app = app if app is not None else create_app(config)
+    state = app[STATE]
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+    await site.start()
+    public_url = _url(runner)
+    admin_runner: web.AppRunner | None = None
+    admin_url = public_url
+    if not config.admin_shares_public_listener:
+        admin_runner = web.AppRunner(create_admin_app(state), access_log=None)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
+        admin_url = _url(admin_runner)
+
+    logger.info(
+        "relay_started",
+        url=public_url,
+        admin_url=admin_url,
+        upstream=config.upstream_url,
+        allowed_models=list(config.allowed_models),
+    )
+    if on_ready is not None:
+        on_ready(public_url, admin_url)
+    try:
+        await stop.wait()
+        state.draining = True
+        logger.info("draining", open_streams=len(state.streams), grace_s=config.shutdown_grace)
+        await site.stop()
+        if not await state.wait_streams_closed(config.shutdown_grace):
+            logger.warning("drain_grace_over", cut_streams=state.cut_streams(SHUTDOWN))
+    finally:
+        await runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        logger.info("relay_stopped")
+
+
+def _url(runner: web.AppRunner) -> str:
+    """The listener's real address (the port the OS chose when 0 was asked for)."""
+    host, port = runner.addresses[0][:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a coroutine function on uvloop where it is available, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows, or a minimal install
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())

@@ -1,0 +1,69 @@
+"""Typed application and request state: what a handler may find on ``app`` and ``request``."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from relay.config import Config
+from relay.exchange import Exchange
+from relay.metrics import RelayMetrics
+from relay.policy import Allowlist
+
+if TYPE_CHECKING:
+    from relay.pump import Watchdog
+
+
+@dataclass(slots=True)
+class AppState:
+    """Everything one relay app owns. Built by ``create_app``; the session by its cleanup ctx."""
+
+    config: Config
+    metrics: RelayMetrics
+    allowlist: Allowlist
+    upstream_base: str
+    auth_value: str = field(repr=False)
+    session: aiohttp.ClientSession | None = None
+    streams: set[Watchdog] = field(default_factory=set)
+    draining: bool = False
+    _all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def client_session(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "the upstream session opens with the app"
+        return self.session
+
+    def stream_opened(self, watchdog: Watchdog) -> None:
+        self.streams.add(watchdog)
+        self._all_closed.clear()
+
+    def stream_closed(self, watchdog: Watchdog) -> None:
+        self.streams.discard(watchdog)
+        if not self.streams:
+            self._all_closed.set()
+
+    async def wait_streams_closed(self, grace: float) -> bool:
+        """Wait until no stream is open; False if ``grace`` seconds ran out first."""
+        if not self.streams:
+            return True
+        try:
+            async with asyncio.timeout(grace):
+                await self._all_closed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def cut_streams(self, outcome: str) -> int:
+        """Cut every open stream now (the drain grace ran out); returns how many."""
+        streams = list(self.streams)
+        for watchdog in streams:
+            watchdog.expire(outcome)
+        return len(streams)
+
+
+STATE = web.AppKey("relay_state", AppState)
+EXCHANGE = web.RequestKey("relay_exchange", Exchange)

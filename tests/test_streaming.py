@@ -1,0 +1,249 @@
+"""The pump: no buffering, byte identity, backpressure, disconnects and cut streams."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tracemalloc
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import SSE, STEP, FakeUpstream, Relay, RelayFactory, read_all, step
+
+STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
+SPEECH = "/api/v3/minimax/speech-02-hd/stream"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "make_chunk"),
+    [
+        (SSE, lambda i: f'data: {{"type":"progress","percentage":{i}}}\n\n'.encode()),
+        ("audio/mpeg", lambda i: bytes([i % 256]) * (100 + i)),
+    ],
+    ids=["sse", "binary"],
+)
+async def test_lockstep_each_chunk_arrives_before_the_next_exists(
+    upstream: FakeUpstream, relay: Relay, content_type, make_chunk
+) -> None:
+    """Each of 50 chunks reaches the client before the upstream produces the next one."""
+    feed = upstream.stream(content_type)
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    assert response.status == 200
+    assert response.headers["Content-Type"] == content_type
+    for i in range(50):
+        chunk = make_chunk(i)
+        feed.send(chunk)
+        assert await step(response.content.readexactly(len(chunk))) == chunk
+    feed.end()
+    assert await read_all(response) == b""
+
+
+async def test_relay_headers_are_sent_before_the_first_chunk(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """The client gets the status and headers while the upstream has sent no body yet."""
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    assert response.status == 200
+    assert response.headers["X-Accel-Buffering"] == "no"
+    feed.end()
+    await read_all(response)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    payload=st.binary(min_size=0, max_size=200_000),
+    cuts=st.lists(st.integers(min_value=1, max_value=70_000), min_size=1, max_size=30),
+)
+def test_random_binary_payloads_arrive_identical(payload: bytes, cuts: list[int]) -> None:
+    """Any payload, cut into any chunk sizes upstream, arrives byte-identical."""
+    asyncio.run(_relay_chunks(payload, cuts))
+
+
+async def _relay_chunks(payload: bytes, cuts: list[int]) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from relay.app import create_app
+    from tests.conftest import make_config
+
+    chunks, i = [], 0
+    for size in cuts * (len(payload) // max(1, sum(cuts)) + 1):
+        if i >= len(payload):
+            break
+        chunks.append(payload[i : i + size])
+        i += size
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    up = web.Application()
+    up.router.add_post("/{tail:.*}", handler)
+    async with TestServer(up, host="127.0.0.1") as up_server:
+        app = create_app(make_config(str(up_server.make_url("")).rstrip("/")))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            response = await step(client.post(SPEECH, data=b"{}"))
+            assert response.headers["Content-Type"] == "application/octet-stream"
+            assert await read_all(response) == payload
+
+
+async def test_content_length_and_encoding_pass_through(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A gzip body with a Content-Length is relayed as is: not decompressed, not re-framed."""
+    import gzip
+
+    body = gzip.compress(b'{"code":200}' * 100)
+    upstream.respond(200, body, {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert response.headers["Content-Length"] == str(len(body))
+    assert await read_all(response) == body
+
+
+async def test_a_slow_client_pauses_the_upstream_and_memory_stays_bounded(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """While the client reads nothing, the upstream stops being read; then all bytes arrive."""
+    block = bytes(range(256)) * 256  # 64 KiB, one object reused
+    total_blocks = 512  # 32 MiB offered: far more than every socket buffer on the way
+    feed = upstream.stream("application/octet-stream")
+    for _ in range(total_blocks):
+        feed.send(block)
+    feed.end()
+
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        response = await step(relay.client.post(SPEECH, data=b"{}"))
+        # Waiting for nothing to happen is the point here: poll until the upstream's
+        # progress has stood still for a while, bounded by STEP.
+        await step(_until_stalled(upstream))
+        grown = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert upstream.written < total_blocks * len(block), "the upstream was never paused"
+    assert grown < 2 * 1024 * 1024, f"{grown} bytes held in Python while the client stalled"
+
+    digest, received = hashlib.sha256(), 0
+    async for chunk in response.content.iter_any():
+        digest.update(chunk)
+        received += len(chunk)
+    assert received == total_blocks * len(block)
+    assert digest.digest() == hashlib.sha256(block * total_blocks).digest()
+
+
+async def _until_stalled(upstream: FakeUpstream) -> None:
+    last, still = -1, 0
+    while still < 15:
+        await asyncio.sleep(0.02)
+        still = still + 1 if upstream.written == last else 0
+        last = upstream.written
+
+
+async def test_client_leaving_while_upstream_is_silent_closes_the_upstream(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A client that leaves mid-stream, while the upstream says nothing, disconnects it."""
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b"data: 1\n\n")
+    assert await step(response.content.readexactly(9)) == b"data: 1\n\n"
+    response.close()
+    await step(upstream.disconnected.wait())
+
+
+async def test_client_leaving_while_upstream_writes_closes_the_upstream(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A client that leaves while the upstream keeps writing disconnects the upstream."""
+    feed = upstream.stream("audio/mpeg")
+    for _ in range(2000):
+        feed.send(b"\xff" * 8192)
+    response = await step(relay.client.post(SPEECH, data=b"{}"))
+    await step(response.content.readexactly(8192))
+    response.close()
+    await step(upstream.disconnected.wait())
+    assert upstream.written < 2000 * 8192
+
+
+async def test_client_leaving_before_headers_closes_the_upstream(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A client that gives up while the upstream has not answered yet disconnects it."""
+    upstream.hang()
+    request = asyncio.ensure_future(relay.client.post(STREAM, data=b"{}"))
+    await step(upstream.contacted.wait())
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await step(upstream.disconnected.wait())
+
+
+@pytest.mark.parametrize("content_type", [SSE, "audio/wav"])
+async def test_upstream_dying_mid_body_aborts_the_client(
+    upstream: FakeUpstream, relay: Relay, content_type: str
+) -> None:
+    """An upstream cut after headers reaches the client as an error, never a clean end."""
+    feed = upstream.stream(content_type)
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b"data: partial\n\n")
+    assert await step(response.content.readexactly(15)) == b"data: partial\n\n"
+    feed.abort()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all(response)
+
+
+async def test_upstream_short_of_its_content_length_aborts_the_client(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A body shorter than the upstream's Content-Length is not passed off as complete."""
+    feed = upstream.stream("audio/mpeg", headers={"Content-Length": "1000"})
+    response = await step(relay.client.post(SPEECH, data=b"{}"))
+    feed.send(b"\x00" * 400)
+    feed.abort()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all(response)
+
+
+async def test_idle_upstream_is_cut_after_the_idle_deadline(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """An upstream silent past RELAY_IDLE_TIMEOUT mid-stream: client aborted, upstream closed."""
+    relay = await make_relay(idle_timeout=0.2)
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b"data: 1\n\n")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all(response)
+    await step(upstream.disconnected.wait())
+
+
+async def test_streams_past_the_maximum_duration_are_cut(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """A stream still busy at RELAY_MAX_STREAM_SECONDS is cut: the client sees an error."""
+    relay = await make_relay(max_stream_seconds=0.3, first_byte_timeout=0.3, idle_timeout=5)
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+
+    async def keep_busy() -> None:
+        while True:
+            feed.send(b"data: tick\n\n")
+            await response.content.readexactly(12)
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(keep_busy(), STEP)
+    await step(upstream.disconnected.wait())
