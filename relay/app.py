@@ -12,7 +12,7 @@ The request path, in order (one middleware, visible here):
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -31,6 +31,7 @@ from relay.upstream import create_session
 logger = structlog.get_logger("relay")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RELAYED = "relayed"  # the catch-all route: every request on it is bookkept
 CLIENT_LEFT = 499  # the status recorded when the client left before any response (nginx's)
 
 
@@ -39,8 +40,13 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.monotonic,
+    pages: Iterable[web.AbstractRouteDef] = (),
 ) -> web.Application:
-    """Build the public relay app. ``registry`` defaults to a fresh one per app."""
+    """Build the public relay app. ``registry`` defaults to a fresh one per app.
+
+    ``pages`` are extra routes served before the relay's catch-all (the demo page); like
+    the health routes they are neither logged nor counted as relayed requests.
+    """
     state = AppState(
         config=config,
         metrics=RelayMetrics(registry),
@@ -58,7 +64,8 @@ def create_app(
     health.add_routes(app.router, state)
     if config.admin_shares_public_listener:
         health.add_metrics_route(app.router, state.metrics.registry)
-    app.router.add_route("*", "/{tail:.*}", proxy.relay)
+    app.router.add_routes(pages)
+    app.router.add_route("*", "/{tail:.*}", proxy.relay, name=RELAYED)
     return app
 
 
@@ -74,7 +81,7 @@ def _bookkeeping(state: AppState, clock: Callable[[], float]) -> Any:
 
     @web.middleware
     async def bookkeeping(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in health.QUIET_PATHS:
+        if request.match_info.route.name != RELAYED:  # health, metrics, pages
             return await handler(request)
         request_id = headers.request_id_from(request.headers.getall("X-Request-ID", ()))
         exchange = Exchange(request_id=request_id, client=request.remote or "-", started=clock())

@@ -7,8 +7,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from relay.state import AppState
 
-QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # neither logged nor counted
-
 
 def add_routes(router: web.UrlDispatcher, state: AppState) -> None:
     async def healthz(request: web.Request) -> web.Response:
