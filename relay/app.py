@@ -138,6 +138,8 @@ def _log_finished(exchange: Exchange, duration: float) -> None:
         bytes_in=exchange.bytes_in,
         bytes_out=exchange.bytes_out,
         chunks=exchange.chunks,
+        events=exchange.sse_events,
+        terminal=exchange.terminal,
         ttfb_ms=None if ttfb is None else round((ttfb - exchange.started) * 1000, 3),
         duration_ms=round(duration * 1000, 3),
         client=exchange.client,

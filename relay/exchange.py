@@ -39,4 +39,6 @@ class Exchange:
     bytes_out: int = 0
     chunks: int = 0
     first_byte_at: float | None = None
+    sse_events: int | None = None  # event streams only
+    terminal: str | None = None  # event streams only: done, complete, error or none
     upstream_contacted: bool = False  # stream metrics apply from here on

@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -46,8 +46,14 @@ class Redactor:
         return {k: self._value(v) for k, v in event_dict.items()}
 
 
-def configure(level: str = "info", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
-    """Route structlog and the standard library through one pipeline to stdout."""
+def configure(
+    level: str = "info",
+    fmt: str = "json",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """Route structlog and the standard library through one pipeline to ``stream`` (stdout)."""
+    stream = sys.stdout if stream is None else stream
     redactor = Redactor(secrets)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -60,7 +66,7 @@ def configure(level: str = "info", fmt: str = "json", secrets: Iterable[str] = (
     renderer: Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[
@@ -72,7 +78,7 @@ def configure(level: str = "info", fmt: str = "json", secrets: Iterable[str] = (
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],

@@ -32,7 +32,8 @@ from relay.exchange import (
     UPSTREAM_ERROR,
     Exchange,
 )
-from relay.pump import ChunkTap, Watchdog, pump
+from relay.pump import Watchdog, pump
+from relay.sse import SseTap
 from relay.state import EXCHANGE, STATE, AppState
 from relay.upstream import map_upstream_errors
 
@@ -62,7 +63,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         auth_value=state.auth_value,
         request_id=exchange.request_id,
     )
-    return await _stream(request, state, exchange, url, upstream_headers, body, tap=None)
+    return await _stream(request, state, exchange, url, upstream_headers, body)
 
 
 async def _stream(
@@ -72,8 +73,6 @@ async def _stream(
     url: URL,
     upstream_headers: CIMultiDict[str],
     body: bytes,
-    *,
-    tap: ChunkTap | None,
 ) -> web.StreamResponse:
     config = state.config
     meters = state.metrics.stream(exchange.model)
@@ -88,6 +87,7 @@ async def _stream(
     meters.active.inc()
     upstream: aiohttp.ClientResponse | None = None
     response: web.StreamResponse | None = None
+    sse: SseTap | None = None
     try:
         if body:
             meters.bytes_in.inc(len(body))
@@ -108,8 +108,10 @@ async def _stream(
                 upstream.headers, request_id=exchange.request_id
             ),
         )
+        if upstream.content_type == "text/event-stream":
+            sse = SseTap(meters.sse_events.inc)
         await response.prepare(request)
-        await pump(upstream.content, response, exchange, meters, watchdog, tap)
+        await pump(upstream.content, response, exchange, meters, watchdog, sse)
         exchange.outcome = COMPLETED
         return response
     except asyncio.CancelledError:
@@ -138,6 +140,9 @@ async def _stream(
         return _abort(request, response)
     finally:
         watchdog.stop()
+        if sse is not None:
+            exchange.sse_events, exchange.terminal = sse.events, sse.terminal
+            state.metrics.terminals.labels(exchange.model, sse.terminal).inc()
         state.stream_closed(watchdog)
         meters.active.dec()
         if upstream is not None:

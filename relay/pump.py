@@ -108,11 +108,11 @@ async def pump(
     previous = 0.0
     while chunk := await read():
         received = clock()
-        if tap is not None:
-            tap(chunk)
         await write(chunk)
         written = clock()
         watchdog.last = written  # idle time counts only while we wait on the upstream
+        if tap is not None:
+            tap(chunk)  # after the write: a passive look never delays the client
         size = len(chunk)
         exchange.bytes_out += size
         exchange.chunks += 1

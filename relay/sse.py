@@ -1,0 +1,79 @@
+"""A passive tap on ``text/event-stream`` responses: counts events, recognises terminals.
+
+It sees each chunk only after the chunk was written to the client, never changes or holds
+back the bytes, and keeps at most one partial event (bounded: the head and tail of an
+oversized event) to find event boundaries that span chunks.
+
+Terminal events, the last one seen wins:
+
+- ``done``: an event whose data is ``[DONE]`` (OpenAI-style streams);
+- ``complete`` / ``error``: WaveSpeed's ``"type": "complete"`` / ``"type": "error"``;
+- MiniMax: a final status event (``"status": 2``) is ``complete``; a non-zero
+  ``base_resp.status_code`` is ``error``.
+
+A stream that ends without any of them reports ``none``: truncated, even if the transport
+ended cleanly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+NONE = "none"
+
+# Cheap byte checks first; a regex runs only on events that pass them.
+_TYPE = re.compile(rb'"type"\s*:\s*"(complete|error)"')
+_MINIMAX_ERROR = re.compile(rb'"status_code"\s*:\s*-?[1-9]')
+_MINIMAX_FINAL = re.compile(rb'"status"\s*:\s*2\b')
+_DONE = re.compile(rb"(?:^|\n)data:[ ]?\[DONE\][ \t]*(?:\n|$)")
+
+HEAD = TAIL = 32 * 1024  # what is kept of one event larger than HEAD + TAIL
+
+
+def classify(event: bytes) -> str | None:
+    """The terminal kind of one complete event (newline-normalised), or None."""
+    if b"[DONE]" in event and _DONE.search(event):
+        return "done"
+    if b'"type"' in event and (match := _TYPE.search(event)):
+        return match.group(1).decode()
+    if b"base_resp" in event:
+        if _MINIMAX_ERROR.search(event):
+            return "error"
+        if _MINIMAX_FINAL.search(event):
+            return "complete"
+    return None
+
+
+class SseTap:
+    """Called with every chunk of one event stream, after the chunk has been forwarded."""
+
+    __slots__ = ("_on_event", "_pending", "events", "terminal")
+
+    def __init__(self, on_event: Callable[[], object]) -> None:
+        self._on_event = on_event
+        self._pending = b""
+        self.events = 0
+        self.terminal = NONE
+
+    def __call__(self, chunk: bytes) -> None:
+        if b"\r" in chunk:  # CRLF and CR line ends, for the tap's eyes only
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        data = self._pending + chunk if self._pending else chunk
+        start = 0
+        while (end := data.find(b"\n\n", start)) != -1:
+            self._event(data[start:end])
+            start = end + 2
+        rest = data[start:] if start else data
+        if len(rest) > HEAD + TAIL:
+            rest = rest[:HEAD] + rest[-TAIL:]
+        self._pending = rest
+
+    def _event(self, event: bytes) -> None:
+        if not (event.startswith(b"data") or b"\ndata" in event):
+            return  # comments and field-only blocks dispatch no event
+        self.events += 1
+        self._on_event()
+        kind = classify(event)
+        if kind is not None:
+            self.terminal = kind

@@ -1,0 +1,233 @@
+"""Metrics after scripted streams: exact deltas for bytes, chunks, outcomes and terminals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.metrics import TTFB_BUCKETS
+from relay.state import STATE
+from tests.conftest import STEP, FakeUpstream, Relay, RelayFactory, read_all, step
+
+STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
+MODEL = "wavespeed-ai/any-llm"
+
+
+async def _settled(relay: Relay) -> None:
+    """Wait until every stream has ended and been recorded."""
+    assert await relay.app[STATE].wait_streams_closed(STEP)
+
+
+def _stream_count(relay: Relay, outcome: str) -> float:
+    return relay.metric("relay_streams_total", model=MODEL, outcome=outcome)
+
+
+async def test_a_completed_stream_is_counted_exactly(upstream: FakeUpstream, relay: Relay) -> None:
+    """Bytes equal what the client received; chunks, events, terminal and TTFB are recorded."""
+    feed = upstream.stream()
+    events = [b'data: {"choices":[{"delta":{"content":"%d"}}]}\n\n' % i for i in range(7)]
+    response = await step(relay.client.post(STREAM, data=b'{"prompt":"x"}'))
+    for event in events:
+        feed.send(event)
+        await step(response.content.readexactly(len(event)))
+    feed.send(b"data: [DONE]\n\n")
+    feed.end()
+    received = b"".join(events) + await read_all(response)
+    await _settled(relay)
+
+    assert relay.metric("relay_bytes_total", model=MODEL, direction="upstream_to_client") == len(
+        received
+    )
+    assert relay.metric("relay_bytes_total", model=MODEL, direction="client_to_upstream") == 14
+    assert relay.metric("relay_chunks_total", model=MODEL) == 8
+    assert relay.metric("relay_sse_events_total", model=MODEL) == 8
+    assert relay.metric("relay_stream_terminals_total", model=MODEL, terminal="done") == 1
+    assert _stream_count(relay, "completed") == 1
+    assert relay.metric("relay_requests_total", route="stream", model=MODEL, code="200") == 1
+    assert relay.metric("relay_time_to_first_byte_seconds_count", model=MODEL) == 1
+    assert relay.metric("relay_chunk_gap_seconds_count", model=MODEL) == 7
+    assert relay.metric("relay_chunk_forward_seconds_count", model=MODEL) == 8
+    assert (
+        relay.metric("relay_stream_duration_seconds_count", model=MODEL, outcome="completed") == 1
+    )
+    assert relay.metric("relay_active_streams", model=MODEL) == 0
+
+
+async def test_a_clean_end_without_terminal_event_is_terminal_none(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """Transport completed, but no [DONE]: outcome completed, terminal none (truncated)."""
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b'data: {"choices":[{"delta":{"content":"half"}}]}\n\n')
+    feed.end()
+    await read_all(response)
+    await _settled(relay)
+    assert _stream_count(relay, "completed") == 1
+    assert relay.metric("relay_stream_terminals_total", model=MODEL, terminal="none") == 1
+
+
+async def test_active_streams_gauge_follows_open_streams(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """relay_active_streams is 1 while a stream is open and 0 after."""
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    assert relay.metric("relay_active_streams", model=MODEL) == 1
+    feed.end()
+    await read_all(response)
+    await _settled(relay)
+    assert relay.metric("relay_active_streams", model=MODEL) == 0
+
+
+async def test_client_closed_outcome(upstream: FakeUpstream, relay: Relay) -> None:
+    """A client leaving mid-stream is recorded as client_closed with its bytes so far."""
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b"data: 1\n\n")
+    await step(response.content.readexactly(9))
+    response.close()
+    await step(upstream.disconnected.wait())
+    await _settled(relay)
+    assert _stream_count(relay, "client_closed") == 1
+    assert relay.metric("relay_bytes_total", model=MODEL, direction="upstream_to_client") == 9
+    assert relay.metric("relay_stream_terminals_total", model=MODEL, terminal="none") == 1
+
+
+async def test_upstream_error_outcome(upstream: FakeUpstream, relay: Relay) -> None:
+    """An upstream cut mid-body is recorded as upstream_error."""
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b"data: 1\n\n")
+    feed.abort()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all(response)
+    await _settled(relay)
+    assert _stream_count(relay, "upstream_error") == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "outcome"),
+    [
+        ({"idle_timeout": 0.1}, "idle_timeout"),
+        ({"max_stream_seconds": 0.2, "first_byte_timeout": 0.2}, "max_duration"),
+    ],
+)
+async def test_deadline_outcomes(
+    upstream: FakeUpstream, make_relay: RelayFactory, overrides: dict, outcome: str
+) -> None:
+    """A stream cut by the idle or maximum-duration deadline is recorded as such."""
+    relay = await make_relay(**overrides)
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b"data: 1\n\n")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all(response)
+    await _settled(relay)
+    assert _stream_count(relay, outcome) == 1
+
+
+async def test_ttfb_timeout_outcome(upstream: FakeUpstream, make_relay: RelayFactory) -> None:
+    """No upstream headers before the first-byte deadline: 504, outcome ttfb_timeout."""
+    relay = await make_relay(first_byte_timeout=0.1)
+    upstream.hang()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    assert response.status == 504
+    await _settled(relay)
+    assert _stream_count(relay, "ttfb_timeout") == 1
+    assert relay.metric("relay_rejections_total", reason="upstream_timeout") == 1
+    assert relay.metric("relay_requests_total", route="stream", model=MODEL, code="504") == 1
+
+
+async def test_rejections_are_counted_by_reason(upstream: FakeUpstream, relay: Relay) -> None:
+    """Refused requests count in relay_requests_total and relay_rejections_total, model '-'."""
+    for path in (
+        "/api/v3/other/model/stream",
+        "/api/v3/other/model/stream",
+        "/api/v3/BAD/stream",
+        "/nope",
+    ):
+        response = await relay.client.post(path, data=b"{}")
+        await read_all(response)
+    assert relay.metric("relay_rejections_total", reason="model_not_allowed") == 2
+    assert relay.metric("relay_rejections_total", reason="bad_request") == 1
+    assert relay.metric("relay_rejections_total", reason="not_found") == 1
+    assert relay.metric("relay_requests_total", route="stream", model="-", code="403") == 2
+    assert relay.metric("relay_requests_total", route="-", model="-", code="404") == 1
+    assert not upstream.seen
+
+
+async def test_cancelled_before_headers_is_still_recorded(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A request whose client gives up before the upstream answers is counted (code 499)."""
+    upstream.hang()
+    request = asyncio.ensure_future(relay.client.post(STREAM, data=b"{}"))
+    await step(upstream.contacted.wait())
+    request.cancel()
+    await step(upstream.disconnected.wait())
+    await _settled(relay)
+    assert _stream_count(relay, "client_closed") == 1
+    assert relay.metric("relay_requests_total", route="stream", model=MODEL, code="499") == 1
+
+
+def test_every_spec_family_is_exported_with_its_labels() -> None:
+    """The registry exposes each SPEC metric with exactly the SPEC's labels and type."""
+    from relay.metrics import RelayMetrics
+
+    metrics = RelayMetrics()
+    model = metrics.stream(MODEL)
+    for child in (model.ttfb, model.gap, model.forward):
+        child.observe(0.01)
+    model.bytes_in.inc()
+    model.bytes_out.inc()
+    model.chunks.inc()
+    model.active.inc()
+    model.sse_events.inc()
+    metrics.requests.labels("stream", MODEL, "200").inc()
+    metrics.rejections.labels("bad_request").inc()
+    metrics.duration.labels(MODEL, "completed").observe(1)
+    metrics.streams.labels(MODEL, "completed").inc()
+    metrics.terminals.labels(MODEL, "done").inc()
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+    }
+    expected = {
+        "relay_requests": ("counter", {"route", "model", "code"}),
+        "relay_rejections": ("counter", {"reason"}),
+        "relay_active_streams": ("gauge", {"model"}),
+        "relay_time_to_first_byte_seconds": ("histogram", {"model"}),
+        "relay_chunk_gap_seconds": ("histogram", {"model"}),
+        "relay_chunk_forward_seconds": ("histogram", {"model"}),
+        "relay_bytes": ("counter", {"model", "direction"}),
+        "relay_chunks": ("counter", {"model"}),
+        "relay_stream_duration_seconds": ("histogram", {"model", "outcome"}),
+        "relay_streams": ("counter", {"model", "outcome"}),
+        "relay_sse_events": ("counter", {"model"}),
+        "relay_stream_terminals": ("counter", {"model", "terminal"}),
+    }
+    for name, (kind, labels) in expected.items():
+        family = families[name]
+        assert family.type == kind, name
+        sample = next(s for s in family.samples if not s.name.endswith("_created"))
+        assert set(sample.labels) - {"le"} == labels, name
+    assert max(TTFB_BUCKETS) >= 300
+
+
+async def test_metrics_endpoint_on_a_shared_listener(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """With RELAY_ADMIN_PORT equal to RELAY_PORT, /metrics and health share the listener."""
+    relay = await make_relay(port=18123, admin_port=18123)
+    response = await relay.client.get("/metrics")
+    assert response.status == 200
+    assert (
+        "relay_requests_total" in await response.text() or "relay_requests" in await response.text()
+    )
+    assert (await relay.client.get("/healthz")).status == 200
+    assert (await relay.client.get("/readyz")).status == 200
