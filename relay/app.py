@@ -19,12 +19,15 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay import headers, health, proxy
+from relay import cors, headers, health, proxy
 from relay.config import Config
 from relay.errors import MethodNotAllowed, NotFound, PayloadTooLarge, RelayError
 from relay.exchange import REJECTED, Exchange
+from relay.gate import Gate
+from relay.limits import MemoryStore, Store
 from relay.metrics import RelayMetrics
 from relay.policy import Allowlist
+from relay.redis_store import RedisStore
 from relay.state import EXCHANGE, STATE, AppState
 from relay.upstream import create_session
 
@@ -41,17 +44,25 @@ def create_app(
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.monotonic,
     pages: Iterable[web.AbstractRouteDef] = (),
+    store: Store | None = None,
 ) -> web.Application:
     """Build the public relay app. ``registry`` defaults to a fresh one per app.
+
+    ``store`` holds the per-client limits: Redis when ``RELAY_REDIS_URL`` is set, else this
+    process's memory (tests pass one with a controlled clock).
 
     ``pages`` are extra routes served before the relay's catch-all (the demo page); like
     the health routes they are neither logged nor counted as relayed requests.
     """
+    if store is None:
+        store = RedisStore(config.redis_url) if config.redis_url else MemoryStore()
     state = AppState(
         config=config,
         metrics=RelayMetrics(registry),
         allowlist=Allowlist(config.allowed_models),
         upstream_base=config.upstream_url,
+        store=store,
+        gate=Gate(config, store),
         auth_value=f"Bearer {config.api_key}",
     )
     app = web.Application(
@@ -61,6 +72,8 @@ def create_app(
     )
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_limit_store)
+    app.on_response_prepare.append(cors.response_headers(config.allowed_origins))
     health.add_routes(app.router, state)
     if config.admin_shares_public_listener:
         health.add_metrics_route(app.router, state.metrics.registry)
@@ -74,6 +87,14 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state.session = create_session(state.config)
     yield
     await state.session.close()
+
+
+async def _limit_store(app: web.Application) -> AsyncIterator[None]:
+    store = app[STATE].store
+    if isinstance(store, RedisStore):
+        await store.start()
+    yield
+    await store.close()
 
 
 def _bookkeeping(state: AppState, clock: Callable[[], float]) -> Any:

@@ -14,7 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from relay import __version__, log, server
-from relay.config import ConfigError, load_config
+from relay.access import mint_token
+from relay.config import MIN_TOKEN_SECRET_BYTES, ConfigError, load_config
 from relay.mock_upstream import create_mock_app
 
 _OVERRIDES = ("host", "port", "admin_host", "admin_port", "upstream_url", "log_level", "log_format")
@@ -46,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo = commands.add_parser("demo", help="run the relay in front of the built-in mock upstream")
     demo.add_argument("--port", help="public port (RELAY_PORT, default 8080)")
+    token = commands.add_parser(
+        "token", help="mint a relay token (RELAY_TOKEN_SECRET or RELAY_TOKEN_SECRET_FILE)"
+    )
+    token.add_argument("--config", metavar="FILE", help="TOML file (or RELAY_CONFIG)")
+    token.add_argument("--sub", required=True, help="the client id the token stands for")
+    token.add_argument("--ttl", type=int, required=True, help="seconds until it expires")
+    token.add_argument("--models", nargs="+", help="only these models or family/* patterns")
+    token.add_argument("--origins", nargs="+", help="only from these browser origins")
+    token.add_argument("--rpm", type=int, help="at most this many requests per minute")
+    token.add_argument("--streams", type=int, help="at most this many concurrent streams")
     mock = commands.add_parser("mock-upstream", help="run only the built-in mock upstream")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8090)
@@ -62,6 +73,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return 0
     if args.command == "demo":
         return _demo(args, environ)
+
+    if args.command == "token":
+        return _token(args, environ)
 
     overrides = {name: getattr(args, name) for name in _OVERRIDES}
     try:
@@ -115,4 +129,34 @@ def _demo(args: argparse.Namespace, environ: dict[str, str]) -> int:
             await mock.cleanup()
 
     server.run(demo)
+    return 0
+
+
+def _token(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    try:
+        config = load_config(args.config, environ, require_key=False)
+    except ConfigError as exc:
+        print("relay token: bad configuration:", *exc.problems, sep="\n  - ", file=sys.stderr)
+        return 2
+    if len(config.token_secret.encode()) < MIN_TOKEN_SECRET_BYTES:
+        print(
+            f"relay token: RELAY_TOKEN_SECRET (or _FILE) of at least {MIN_TOKEN_SECRET_BYTES} "
+            "bytes is required",
+            file=sys.stderr,
+        )
+        return 2
+    if args.ttl < 1:
+        print("relay token: --ttl must be at least 1 second", file=sys.stderr)
+        return 2
+    print(
+        mint_token(
+            config.token_secret,
+            args.sub,
+            args.ttl,
+            models=args.models,
+            origins=args.origins,
+            rpm=args.rpm,
+            streams=args.streams,
+        )
+    )
     return 0

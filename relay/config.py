@@ -63,6 +63,18 @@ class Config:
     max_stream_seconds: float = 3600.0
     max_body_bytes: int = 1_048_576
     shutdown_grace: float = 60.0
+    # Access control (browser-facing)
+    client_auth: frozenset[str] = frozenset()  # {"token", "key"}; empty means none
+    token_secret: str = field(default="", repr=False)
+    client_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (name, sha256)
+    allowed_origins: tuple[str, ...] = ()
+    rate_limit: tuple[int, float] = (60, 60.0)  # requests per window seconds
+    max_streams_per_client: int = 4
+    max_streams: int = 2000
+    redis_url: str = field(default="", repr=False)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    allow_anonymous: bool = False
+    prediction_ttl: float = 86400.0
 
     @property
     def admin_shares_public_listener(self) -> bool:
@@ -74,15 +86,33 @@ class Config:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in SECRET_FIELDS:
+            if f.name == "redis_url" and value:
+                value = _redact_url(value)
+            elif f.name == "client_keys":
+                value = [name for name, _ in value]
+            elif f.name in SECRET_FIELDS:
                 value = REDACTED if value else ""
+            elif f.name == "client_auth":
+                value = ",".join(sorted(value)) or "none"
+            elif f.name == "rate_limit":
+                value = f"{value[0]}/{_WINDOW_NAMES[value[1]]}"
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) for v in value]
             out[f.name] = value
         return out
 
 
-SECRET_FIELDS = frozenset({"api_key"})
+SECRET_FIELDS = frozenset({"api_key", "token_secret", "client_keys", "redis_url"})
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_WINDOWS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+_WINDOW_NAMES = {v: k for k, v in _WINDOWS.items()}
+
+
+def _redact_url(url: str) -> str:
+    parsed = URL(url)
+    return str(parsed.with_password(REDACTED)) if parsed.password else url
 
 
 # --- parsers: each returns the parsed value or raises ValueError with a reason -------------
@@ -161,6 +191,62 @@ def _upstream_url(raw: Any) -> str:
     return value.rstrip("/")
 
 
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = _text(raw).lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _client_auth(raw: Any) -> frozenset[str]:
+    modes = {m.strip().lower() for m in _text(raw).split(",") if m.strip()}
+    if modes == {"none"}:
+        return frozenset()
+    if not modes or not modes <= {"token", "key"}:
+        raise ValueError("must be none, token, key, or token,key")
+    return frozenset(modes)
+
+
+def _origins(raw: Any) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    origins = tuple(str(item).strip().rstrip("/") for item in items if str(item).strip())
+    for origin in origins:
+        url = URL(origin)
+        if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+    return origins
+
+
+def _rate(raw: Any) -> tuple[int, float]:
+    count, _, window = _text(raw).partition("/")
+    if window not in _WINDOWS or not count.isdigit() or int(count) < 1:
+        raise ValueError("must look like 60/minute (N/second, N/minute or N/hour)")
+    return int(count), _WINDOWS[window]
+
+
+def _networks(raw: Any) -> tuple[IPNetwork, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    try:
+        return tuple(
+            ipaddress.ip_network(str(item).strip(), strict=False)
+            for item in items
+            if str(item).strip()
+        )
+    except ValueError as exc:
+        raise ValueError(f"must be comma-separated CIDRs ({exc})") from None
+
+
+def _redis_url(raw: Any) -> str:
+    value = _text(raw)
+    if value and URL(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
 def _models(raw: Any) -> tuple[str, ...]:
     items = raw.split(",") if isinstance(raw, str) else raw
     if not isinstance(items, list | tuple):
@@ -200,9 +286,25 @@ SETTINGS = (
     _Setting("max_stream_seconds", "RELAY_MAX_STREAM_SECONDS", _seconds),
     _Setting("max_body_bytes", "RELAY_MAX_BODY_BYTES", _positive_int),
     _Setting("shutdown_grace", "RELAY_SHUTDOWN_GRACE", _seconds),
+    _Setting("client_auth", "RELAY_CLIENT_AUTH", _client_auth),
+    _Setting("allowed_origins", "RELAY_ALLOWED_ORIGINS", _origins),
+    _Setting("rate_limit", "RELAY_RATE_LIMIT", _rate),
+    _Setting("max_streams_per_client", "RELAY_MAX_STREAMS_PER_CLIENT", _positive_int),
+    _Setting("max_streams", "RELAY_MAX_STREAMS", _positive_int),
+    _Setting("redis_url", "RELAY_REDIS_URL", _redis_url),
+    _Setting("trusted_proxies", "RELAY_TRUSTED_PROXIES", _networks),
+    _Setting("allow_anonymous", "RELAY_ALLOW_ANONYMOUS", _bool),
+    _Setting("prediction_ttl", "RELAY_PREDICTION_TTL", _seconds),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
-_KEY_SOURCES = ("WAVESPEED_API_KEY", "WAVESPEED_API_KEY_FILE")
+_SECRET_SOURCES = (
+    "WAVESPEED_API_KEY",
+    "WAVESPEED_API_KEY_FILE",
+    "RELAY_TOKEN_SECRET",
+    "RELAY_TOKEN_SECRET_FILE",
+    "RELAY_CLIENT_KEYS_FILE",
+)
+MIN_TOKEN_SECRET_BYTES = 32
 
 
 def load_config(
@@ -240,6 +342,22 @@ def load_config(
     key = _load_key(environ, file_values, problems, require_key=require_key)
     if key:
         values["api_key"] = key
+    modes = values.get("client_auth", frozenset())
+    secret = _secret(environ, file_values, "RELAY_TOKEN_SECRET", problems)
+    if "token" in modes:
+        if len(secret.encode()) < MIN_TOKEN_SECRET_BYTES:
+            problems.append(
+                "RELAY_TOKEN_SECRET: RELAY_CLIENT_AUTH includes token, so a secret of at least "
+                f"{MIN_TOKEN_SECRET_BYTES} bytes is required (or RELAY_TOKEN_SECRET_FILE)"
+            )
+        values["token_secret"] = secret
+    elif secret:
+        values["token_secret"] = secret  # `relay token` mints with it
+    keys_file = _setting_value(environ, file_values, "RELAY_CLIENT_KEYS_FILE")
+    if "key" in modes and not keys_file:
+        problems.append("RELAY_CLIENT_KEYS_FILE: required when RELAY_CLIENT_AUTH includes key")
+    if keys_file:
+        values["client_keys"] = _client_keys(Path(keys_file), problems)
 
     config = Config(**values)
     problems.extend(_cross_checks(config))
@@ -272,11 +390,64 @@ def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"RELAY_CONFIG: {str(path)!r} is not valid TOML: {exc}")
         return {}
-    known = {s.file_key for s in SETTINGS} | {k.lower() for k in _KEY_SOURCES}
+    known = {s.file_key for s in SETTINGS} | {k.lower() for k in _SECRET_SOURCES}
+    known |= {k.removeprefix("RELAY_").lower() for k in _SECRET_SOURCES}
     problems.extend(
         f"{key} (config file): unknown setting" for key in sorted(data) if key not in known
     )
     return data
+
+
+def _setting_value(environ: Mapping[str, str], file_values: Mapping[str, Any], env: str) -> str:
+    for value in (
+        environ.get(env),
+        file_values.get(env.lower()),
+        file_values.get(env.removeprefix("RELAY_").lower()),
+    ):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
+def _secret(
+    environ: Mapping[str, str], file_values: Mapping[str, Any], env: str, problems: list[str]
+) -> str:
+    """A secret given directly or as ``<env>_FILE``; its value never enters a message."""
+    direct = _setting_value(environ, file_values, env)
+    path = _setting_value(environ, file_values, f"{env}_FILE")
+    if direct and path:
+        problems.append(f"{env}_FILE: set only one of {env} and {env}_FILE")
+        return ""
+    if not path:
+        return direct
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.append(f"{env}_FILE: cannot read {path!r}: {exc.strerror}")
+        return ""
+
+
+def _client_keys(path: Path, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    """Lines of ``<sha256-hex> <name>``; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        problems.append(f"RELAY_CLIENT_KEYS_FILE: cannot read {str(path)!r}: {exc.strerror}")
+        return ()
+    keys = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        digest, _, name = line.partition(" ")
+        digest, name = digest.lower(), name.strip()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
+            problems.append(f"RELAY_CLIENT_KEYS_FILE: line {number} is not '<sha256-hex> <name>'")
+            continue
+        keys.append((name, digest))
+    if not keys and not problems:
+        problems.append(f"RELAY_CLIENT_KEYS_FILE: {str(path)!r} holds no keys")
+    return tuple(keys)
 
 
 def _load_key(
@@ -316,6 +487,11 @@ def _cross_checks(config: Config) -> list[str]:
         problems.append(
             "RELAY_FIRST_BYTE_TIMEOUT: must not exceed RELAY_MAX_STREAM_SECONDS "
             f"({config.first_byte_timeout:g} > {config.max_stream_seconds:g})"
+        )
+    if not config.client_auth and not config.allow_anonymous and not is_loopback(config.host):
+        problems.append(
+            f"RELAY_CLIENT_AUTH: none on the non-loopback address {config.host!r} would let "
+            "anyone spend the provider key; use token or key, or set RELAY_ALLOW_ANONYMOUS=true"
         )
     if config.admin_shares_public_listener and config.admin_host != config.host:
         problems.append(

@@ -5,7 +5,8 @@ the ``Connection`` header names), forwarding headers and the framing headers are
 the provider key is injected and ``Accept-Encoding: identity`` asked for, so the bytes are
 never compressed on the way to us and never decompressed by us.
 
-Towards the client the upstream's hop-by-hop headers and ``Set-Cookie`` are dropped;
+Towards the client the upstream's hop-by-hop headers, ``Set-Cookie`` and its CORS headers
+(the relay answers CORS for its own origins) are dropped;
 everything else, ``Content-Type``, ``Content-Length`` and ``Content-Encoding`` included,
 passes unchanged because the body passes unchanged.
 """
@@ -88,7 +89,9 @@ def client_response_headers(
     """The headers sent to the client for an upstream response."""
     drop = _RESPONSE_DROP | _named_by_connection(upstream)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream.items() if name.lower() not in drop
+        (name, value)
+        for name, value in upstream.items()
+        if name.lower() not in drop and not name.lower().startswith("access-control-")
     )
     out["X-Accel-Buffering"] = "no"
     out["X-Request-ID"] = request_id

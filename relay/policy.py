@@ -41,6 +41,10 @@ def is_valid_model(model: str) -> bool:
     return len(model) <= MAX_MODEL_LENGTH and _MODEL_ID.fullmatch(model) is not None
 
 
+def is_valid_task_id(task_id: str) -> bool:
+    return _TASK_ID.fullmatch(task_id) is not None
+
+
 def is_valid_pattern(pattern: str) -> bool:
     return len(pattern) <= MAX_MODEL_LENGTH and _PATTERN.fullmatch(pattern) is not None
 
@@ -85,9 +89,9 @@ def _prediction(method: str, segments: list[str], query: str) -> Target:
     else:
         raise NotFound("no relayed route at this path")
     task_id = segments[1]
-    if _TASK_ID.fullmatch(task_id) is None:
+    if not is_valid_task_id(task_id):
         raise BadRequest("malformed task id")
-    if method not in ("GET", "HEAD"):
+    if method != "GET":
         raise MethodNotAllowed(f"{method} is not allowed here; use GET", allow=("GET",))
     suffix = "/result" if route == "result" else ""
     return Target(

@@ -16,9 +16,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from relay import headers, policy
+from relay import cors, headers, policy
 from relay.errors import (
     ModelNotAllowed,
+    NotFound,
     PayloadTooLarge,
     RelayError,
     ShuttingDown,
@@ -32,7 +33,8 @@ from relay.exchange import (
     UPSTREAM_ERROR,
     Exchange,
 )
-from relay.pump import Watchdog, pump
+from relay.ownership import SubmissionTap
+from relay.pump import ChunkTap, Watchdog, pump
 from relay.sse import SseTap
 from relay.state import EXCHANGE, STATE, AppState
 from relay.upstream import map_upstream_errors
@@ -44,26 +46,39 @@ async def relay(request: web.Request) -> web.StreamResponse:
     """Relay one request under ``/api/v3/`` to the upstream."""
     state = request.app[STATE]
     exchange = request[EXCHANGE]
+    if request.method == "OPTIONS":
+        exchange.route = "preflight"
+        return cors.preflight(request, state.config.allowed_origins)
+    principal = state.gate.identify(request)
+    exchange.client = principal.id
     target = policy.resolve(request.method, request.raw_path)
     exchange.route = target.route
     if target.model != policy.POLLING_MODEL:
         exchange.requested_model = target.model
-        if not state.allowlist.allows(target.model):
+        if not (state.allowlist.allows(target.model) and principal.may_use(target.model)):
             raise ModelNotAllowed(f"model {target.model!r} is not allowed by this relay")
     exchange.model = target.model
     if state.draining:
         raise ShuttingDown("the relay is shutting down", retry_after=1)
 
-    body = await _read_body(request, state.config.max_body_bytes)
-    exchange.bytes_in = len(body)
-    url = URL(state.upstream_base + target.path + _query(target.query), encoded=True)
-    upstream_headers = headers.upstream_request_headers(
-        request.headers,
-        auth_header="Authorization",
-        auth_value=state.auth_value,
-        request_id=exchange.request_id,
-    )
-    return await _stream(request, state, exchange, url, upstream_headers, body)
+    lease = await state.gate.admit(principal, target, len(state.streams))
+    try:
+        if target.task_id is not None and await state.store.owner(target.task_id) != principal.id:
+            raise NotFound("no prediction with this id was submitted by this client")
+        body = await _read_body(request, state.config.max_body_bytes)
+        exchange.bytes_in = len(body)
+        url = URL(state.upstream_base + target.path + _query(target.query), encoded=True)
+        upstream_headers = headers.upstream_request_headers(
+            request.headers,
+            auth_header="Authorization",
+            auth_value=state.auth_value,
+            request_id=exchange.request_id,
+        )
+        owner = principal.id if target.route == "submit" else None
+        return await _stream(request, state, exchange, url, upstream_headers, body, owner)
+    finally:
+        if lease is not None:
+            state.store.release(principal.id, lease)
 
 
 async def _stream(
@@ -73,6 +88,7 @@ async def _stream(
     url: URL,
     upstream_headers: CIMultiDict[str],
     body: bytes,
+    owner: str | None,
 ) -> web.StreamResponse:
     config = state.config
     meters = state.metrics.stream(exchange.model)
@@ -88,6 +104,7 @@ async def _stream(
     upstream: aiohttp.ClientResponse | None = None
     response: web.StreamResponse | None = None
     sse: SseTap | None = None
+    submission: SubmissionTap | None = None
     try:
         if body:
             meters.bytes_in.inc(len(body))
@@ -108,11 +125,16 @@ async def _stream(
                 upstream.headers, request_id=exchange.request_id
             ),
         )
+        tap: ChunkTap | None = None
         if upstream.content_type == "text/event-stream":
-            sse = SseTap(meters.sse_events.inc)
+            tap = sse = SseTap(meters.sse_events.inc)
+        elif owner is not None and upstream.status == 200:
+            tap = submission = SubmissionTap()
         await response.prepare(request)
-        await pump(upstream.content, response, exchange, meters, watchdog, sse)
+        await pump(upstream.content, response, exchange, meters, watchdog, tap)
         exchange.outcome = COMPLETED
+        if submission and owner and (task_id := submission.task_id()) is not None:
+            await state.store.remember(task_id, owner, config.prediction_ttl)
         return response
     except asyncio.CancelledError:
         outcome = watchdog.claim()

@@ -11,6 +11,8 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.exchange import Exchange
+from relay.gate import Gate
+from relay.limits import Store
 from relay.metrics import RelayMetrics
 from relay.policy import Allowlist
 
@@ -26,6 +28,8 @@ class AppState:
     metrics: RelayMetrics
     allowlist: Allowlist
     upstream_base: str
+    store: Store
+    gate: Gate
     auth_value: str = field(repr=False)
     session: aiohttp.ClientSession | None = None
     streams: set[Watchdog] = field(default_factory=set)

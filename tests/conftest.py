@@ -177,8 +177,9 @@ async def make_relay(upstream: FakeUpstream) -> AsyncIterator[RelayFactory]:
 
     async def factory(**overrides: Any) -> Relay:
         registry = CollectorRegistry()
+        store = overrides.pop("store", None)
         config = make_config(overrides.pop("upstream_url", upstream.url), **overrides)
-        app = create_app(config, registry=registry)
+        app = create_app(config, registry=registry, store=store)
         client = TestClient(TestServer(app, host="127.0.0.1"), auto_decompress=False)
         await client.start_server()
         clients.append(client)

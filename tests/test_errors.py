@@ -129,9 +129,10 @@ async def test_oversized_chunked_body_gives_413(
 
 async def test_polling_is_relayed_without_a_model(upstream: FakeUpstream, relay: Relay) -> None:
     """GET /api/v3/predictions/{id}/result goes to the same path upstream, query kept."""
-    upstream.respond(200, b'{"code":200,"data":{"status":"completed"}}')
+    upstream.respond(200, b'{"code":200,"data":{"id":"task-1","status":"completed"}}')
+    await read_all(await step(relay.client.post("/api/v3/acme/model", data=b"{}")))
     response = await step(relay.client.get("/api/v3/predictions/task-1/result?v=2"))
     assert response.status == 200
     await read_all(response)
-    assert upstream.seen[0].method == "GET"
-    assert upstream.seen[0].path_qs == "/api/v3/predictions/task-1/result?v=2"
+    assert upstream.seen[1].method == "GET"
+    assert upstream.seen[1].path_qs == "/api/v3/predictions/task-1/result?v=2"

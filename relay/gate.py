@@ -1,0 +1,72 @@
+"""Admission: who may call, from where, and how much, decided before any upstream contact.
+
+Order: origin (403), credential (401), then, once the route is known, the request rate
+(429), the process-wide stream cap (503) and the client's concurrent streams (429). A
+stream's slot is a lease given back in the handler's ``finally``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import structlog
+from aiohttp import web
+from redis import RedisError
+
+from relay import cors
+from relay.access import Authenticator, Principal, check_origin
+from relay.config import Config
+from relay.errors import Overloaded, RateLimited
+from relay.limits import Store
+from relay.policy import Target
+
+logger = structlog.get_logger("relay.gate")
+
+STREAMING_ROUTES = frozenset({"stream", "submit"})  # polling takes no stream slot
+
+
+class Gate:
+    def __init__(self, config: Config, store: Store) -> None:
+        self._config = config
+        self._store = store
+        self._auth = Authenticator(config)
+        count, window = config.rate_limit
+        self._interval, self._capacity = window / count, count
+
+    def identify(self, request: web.Request) -> Principal:
+        origin = request.headers.get("Origin")
+        own = cors.own_origin(request)
+        check_origin(origin, self._config.allowed_origins, own, None)
+        principal = self._auth.authenticate(
+            request.headers.get("Authorization"),
+            request.remote,
+            request.headers.getall("X-Forwarded-For", ()),
+        )
+        check_origin(origin, self._config.allowed_origins, own, principal)
+        return principal
+
+    async def admit(self, principal: Principal, target: Target, open_streams: int) -> str | None:
+        """Apply the limits; returns the stream slot's lease to release, if one was taken."""
+        interval, capacity = self._interval, self._capacity
+        if principal.rpm is not None and 60.0 / principal.rpm > interval:
+            interval, capacity = 60.0 / principal.rpm, min(capacity, principal.rpm)
+        try:
+            retry_after = await self._store.hit(principal.id, interval, capacity)
+            if retry_after > 0:
+                raise RateLimited(
+                    "request rate limit reached", retry_after=max(1, math.ceil(retry_after))
+                )
+            if target.route not in STREAMING_ROUTES:
+                return None
+            if open_streams >= self._config.max_streams:
+                raise Overloaded("the relay is at its stream capacity", retry_after=1)
+            limit = self._config.max_streams_per_client
+            if principal.streams is not None:
+                limit = min(limit, principal.streams)
+            lease = await self._store.acquire(principal.id, limit)
+        except RedisError as exc:
+            logger.error("limit_state_unavailable", error=type(exc).__name__)
+            raise Overloaded("limit state unavailable", retry_after=1) from None
+        if lease is None:
+            raise RateLimited(f"at most {limit} concurrent streams per client", retry_after=1)
+        return lease
