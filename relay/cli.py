@@ -5,20 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
 
 from aiohttp import web
 
-from relay import __version__, log, server
+from relay import __version__, log, server, workers
 from relay.access import mint_token
 from relay.config import MIN_TOKEN_SECRET_BYTES, ConfigError, load_config
 from relay.mock_upstream import create_mock_app
 
-_OVERRIDES = ("host", "port", "admin_host", "admin_port", "upstream_url", "log_level", "log_format")
+_OVERRIDES = (
+    "host",
+    "port",
+    "admin_host",
+    "admin_port",
+    "upstream_url",
+    "log_level",
+    "log_format",
+    "workers",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--upstream-url", help="upstream origin (RELAY_UPSTREAM_URL)")
         p.add_argument("--log-level", help="debug, info, warning, error (RELAY_LOG_LEVEL)")
         p.add_argument("--log-format", help="json or console (RELAY_LOG_FORMAT)")
+        p.add_argument("--workers", help="processes serving one port (RELAY_WORKERS)")
         return p
 
     with_config(commands.add_parser("serve", help="run the relay"))
@@ -72,7 +79,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         web.run_app(create_mock_app(args.key), host=args.host, port=args.port, print=None)
         return 0
     if args.command == "demo":
-        return _demo(args, environ)
+        from relay import demo  # the page and the mock load only when the demo runs
+
+        return demo.main(args.port, environ)
 
     if args.command == "token":
         return _token(args, environ)
@@ -89,46 +98,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         print(json.dumps(config.redacted(), indent=2))
         return 0
     log.configure(config.log_level, config.log_format, secrets=[config.api_key])
-    server.run(lambda: server.serve(config))
-    return 0
-
-
-def _demo(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    """The relay on RELAY_PORT in front of the mock upstream on a free loopback port."""
-    key = "demo-" + secrets.token_urlsafe(24)
-    overrides: dict[str, Any] = {"port": args.port, "host": "127.0.0.1", "log_format": "console"}
-    env = {k: v for k, v in environ.items() if k.startswith("RELAY_") and k != "RELAY_CONFIG"}
-    env.pop("RELAY_UPSTREAM_URL", None)
-    env["WAVESPEED_API_KEY"] = key
-    try:
-        config = load_config(None, env, overrides)
-    except ConfigError as exc:
-        print("relay demo: bad configuration:", *exc.problems, sep="\n  - ", file=sys.stderr)
-        return 2
-    log.configure("info", "console", secrets=[key])
-
-    async def demo() -> None:
-        mock = web.AppRunner(create_mock_app(key), access_log=None)
-        await mock.setup()
-        await web.TCPSite(mock, "127.0.0.1", 0).start()
-        host, port = mock.addresses[0][:2]
-        relay_config = replace(config, upstream_url=f"http://{host}:{port}")
-
-        def ready(url: str, admin_url: str) -> None:
-            print(f"\nwavespeed-relay demo: relay on {url}, mock upstream behind it.")
-            print("Try a stream:")
-            print(
-                f"  curl -N -X POST {url}/api/v3/wavespeed-ai/any-llm/stream "
-                "-H 'Content-Type: application/json' -d '{\"prompt\": \"hi\"}'"
-            )
-            print(f"Metrics: {admin_url}/metrics    Ctrl-C stops.\n", flush=True)
-
-        try:
-            await server.serve(relay_config, on_ready=ready)
-        finally:
-            await mock.cleanup()
-
-    server.run(demo)
+    if config.workers > 1 and not workers.worker_environment(environ):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        server.run(workers.Supervisor(config, argv, environ).run)
+    else:
+        sock = workers.inherited_socket(environ)
+        server.run(lambda: server.serve(config, sock=sock, admin=sock is None))
     return 0
 
 
