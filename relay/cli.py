@@ -10,12 +10,21 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from relay import __version__, log, server
+from relay import __version__, log, server, workers
 from relay.access import mint_token
 from relay.config import MIN_TOKEN_SECRET_BYTES, ConfigError, load_config
 from relay.mock_upstream import create_mock_app
 
-_OVERRIDES = ("host", "port", "admin_host", "admin_port", "upstream_url", "log_level", "log_format")
+_OVERRIDES = (
+    "host",
+    "port",
+    "admin_host",
+    "admin_port",
+    "upstream_url",
+    "log_level",
+    "log_format",
+    "workers",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--upstream-url", help="upstream origin (RELAY_UPSTREAM_URL)")
         p.add_argument("--log-level", help="debug, info, warning, error (RELAY_LOG_LEVEL)")
         p.add_argument("--log-format", help="json or console (RELAY_LOG_FORMAT)")
+        p.add_argument("--workers", help="processes serving one port (RELAY_WORKERS)")
         return p
 
     with_config(commands.add_parser("serve", help="run the relay"))
@@ -88,7 +98,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         print(json.dumps(config.redacted(), indent=2))
         return 0
     log.configure(config.log_level, config.log_format, secrets=[config.api_key])
-    server.run(lambda: server.serve(config))
+    if config.workers > 1 and not workers.worker_environment(environ):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        server.run(workers.Supervisor(config, argv, environ).run)
+    else:
+        sock = workers.inherited_socket(environ)
+        server.run(lambda: server.serve(config, sock=sock, admin=sock is None))
     return 0
 
 

@@ -63,6 +63,7 @@ class Config:
     max_stream_seconds: float = 3600.0
     max_body_bytes: int = 1_048_576
     shutdown_grace: float = 60.0
+    workers: int = 1
     # Access control (browser-facing)
     client_auth: frozenset[str] = frozenset()  # {"token", "key"}; empty means none
     token_secret: str = field(default="", repr=False)
@@ -286,6 +287,7 @@ SETTINGS = (
     _Setting("max_stream_seconds", "RELAY_MAX_STREAM_SECONDS", _seconds),
     _Setting("max_body_bytes", "RELAY_MAX_BODY_BYTES", _positive_int),
     _Setting("shutdown_grace", "RELAY_SHUTDOWN_GRACE", _seconds),
+    _Setting("workers", "RELAY_WORKERS", _positive_int),
     _Setting("client_auth", "RELAY_CLIENT_AUTH", _client_auth),
     _Setting("allowed_origins", "RELAY_ALLOWED_ORIGINS", _origins),
     _Setting("rate_limit", "RELAY_RATE_LIMIT", _rate),
@@ -492,6 +494,11 @@ def _cross_checks(config: Config) -> list[str]:
         problems.append(
             f"RELAY_CLIENT_AUTH: none on the non-loopback address {config.host!r} would let "
             "anyone spend the provider key; use token or key, or set RELAY_ALLOW_ANONYMOUS=true"
+        )
+    if config.workers > 1 and config.admin_shares_public_listener:
+        problems.append(
+            "RELAY_ADMIN_PORT: with RELAY_WORKERS > 1 the admin listener needs its own port "
+            "(it reports the sum over all workers)"
         )
     if config.admin_shares_public_listener and config.admin_host != config.host:
         problems.append(

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay.state import AppState
+
+class Draining(Protocol):
+    """Anything that knows whether the relay is draining (an app's state, the supervisor)."""
+
+    @property
+    def draining(self) -> bool: ...
 
 
-def add_routes(router: web.UrlDispatcher, state: AppState) -> None:
+def add_routes(router: web.UrlDispatcher, state: Draining) -> None:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -30,9 +37,9 @@ def add_metrics_route(router: web.UrlDispatcher, registry: CollectorRegistry) ->
     router.add_get("/metrics", metrics)
 
 
-def create_admin_app(state: AppState) -> web.Application:
+def create_admin_app(state: Draining, registry: CollectorRegistry) -> web.Application:
     """The admin listener: metrics and health, nothing relayed."""
     app = web.Application()
     add_routes(app.router, state)
-    add_metrics_route(app.router, state.metrics.registry)
+    add_metrics_route(app.router, registry)
     return app

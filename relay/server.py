@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,6 +24,7 @@ from relay.state import STATE
 
 logger = structlog.get_logger("relay.server")
 
+BACKLOG = 2048
 # After the grace ran out and the streams were cut, how long their handlers may take to end.
 CUT_SETTLE_SECONDS = 5.0
 
@@ -40,8 +42,14 @@ async def serve(
     app: web.Application | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str, str], None] | None = None,
+    sock: socket.socket | None = None,
+    admin: bool = True,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain and return.
+
+    A worker of ``relay serve --workers N`` gets the shared listening ``sock`` and no admin
+    listener (the supervisor serves ``/metrics`` for all workers).
+    """
     app = app if app is not None else create_app(config)
     state = app[STATE]
     stop = stop if stop is not None else asyncio.Event()
@@ -51,19 +59,25 @@ async def serve(
 
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+    site: web.BaseSite = (
+        web.SockSite(runner, sock)
+        if sock is not None
+        else web.TCPSite(runner, config.host, config.port, backlog=BACKLOG)
+    )
     await site.start()
-    public_url = _url(runner)
+    public_url = url_of(runner)
     admin_runner: web.AppRunner | None = None
     admin_url = public_url
-    if not config.admin_shares_public_listener:
-        admin_runner = web.AppRunner(create_admin_app(state), access_log=None)
+    if admin and not config.admin_shares_public_listener:
+        admin_runner = web.AppRunner(
+            create_admin_app(state, state.metrics.registry), access_log=None
+        )
         await admin_runner.setup()
         await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
-        admin_url = _url(admin_runner)
+        admin_url = url_of(admin_runner)
 
     logger.info(
-        "relay_started",
+        "relay_started" if admin else "worker_ready",
         url=public_url,
         admin_url=admin_url,
         upstream=config.upstream_url,
@@ -87,7 +101,7 @@ async def serve(
         logger.info("relay_stopped")
 
 
-def _url(runner: web.AppRunner) -> str:
+def url_of(runner: web.AppRunner) -> str:
     """The listener's real address (the port the OS chose when 0 was asked for)."""
     host, port = runner.addresses[0][:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -50,7 +50,7 @@ class RelayProcess:
 
 
 @contextlib.asynccontextmanager
-async def relay_process(upstream_url: str, **env: str) -> AsyncIterator[RelayProcess]:
+async def relay_process(upstream_url: str, *args: str, **env: str) -> AsyncIterator[RelayProcess]:
     environ = {
         "PATH": os.environ["PATH"],
         "WAVESPEED_API_KEY": FAKE_KEY,
@@ -61,7 +61,7 @@ async def relay_process(upstream_url: str, **env: str) -> AsyncIterator[RelayPro
         **env,
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "serve",
+        sys.executable, "-m", "relay", "serve", *args,
         env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     process = RelayProcess(proc)

@@ -1,0 +1,102 @@
+"""`relay serve --workers N`: one port, one /metrics summed over workers, crash restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import FakeUpstream, read_all, step
+from tests.test_cli import STREAM, RelayProcess, relay_process
+
+
+async def _samples(session: aiohttp.ClientSession, relay: RelayProcess, name: str) -> float:
+    async with session.get(relay.admin_url + "/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+async def _worker_pids(relay: RelayProcess, count: int) -> list[int]:
+    pids = [int(r["pid"]) for r in map(_json, relay.lines) if r.get("event") == "worker_started"]
+    while len(pids) < count:
+        record = await relay.record()
+        if record.get("event") == "worker_started":
+            pids.append(int(record["pid"]))
+    return pids
+
+
+def _json(line: str) -> dict:
+    import json
+
+    try:
+        return json.loads(line)
+    except ValueError:
+        return {}
+
+
+async def test_two_workers_report_one_sum(upstream: FakeUpstream) -> None:
+    """Requests on fresh connections are counted once each in the supervisor's /metrics."""
+    upstream.respond(200, b'{"code":200}', {"Content-Type": "application/json"})
+    async with relay_process(upstream.url, "--workers", "2") as relay:
+        await _worker_pids(relay, 2)
+        for _ in range(12):
+            async with (
+                aiohttp.ClientSession() as fresh,  # a new connection each time
+                fresh.post(relay.url + STREAM, data=b"{}") as response,
+            ):
+                assert response.status == 200
+                await response.read()
+        async with aiohttp.ClientSession() as session:
+            assert await _samples(session, relay, "relay_requests_total") == 12
+            async with session.get(relay.admin_url + "/readyz") as ready:
+                assert ready.status == 200
+        relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.finish() == 0
+
+
+async def test_active_streams_are_summed_live(upstream: FakeUpstream) -> None:
+    """An open stream shows in relay_active_streams across workers, and leaves it when done."""
+    feed = upstream.stream()
+    async with relay_process(upstream.url, "--workers", "2") as relay:
+        await _worker_pids(relay, 2)
+        async with aiohttp.ClientSession() as session:
+            response = await step(session.post(relay.url + STREAM, data=b"{}"))
+            feed.send(b"data: 1\n\n")
+            await step(response.content.readexactly(9))
+            assert await _samples(session, relay, "relay_active_streams") == 1
+            feed.end()
+            await read_all(response)
+            response.release()
+            finished = await relay.record()
+            while finished.get("event") != "request_finished":
+                finished = await relay.record()
+            assert await _samples(session, relay, "relay_active_streams") == 0
+        relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.finish() == 0
+
+
+async def test_a_crashed_worker_is_restarted(upstream: FakeUpstream) -> None:
+    """A worker killed with SIGKILL is replaced, and the port keeps serving."""
+    upstream.respond(200, b"{}")
+    async with relay_process(upstream.url, "--workers", "2") as relay:
+        first, second = await _worker_pids(relay, 2)
+        os.kill(first, signal.SIGKILL)
+        while (record := await relay.record()).get("event") != "worker_started":
+            pass
+        assert int(record["pid"]) not in (first, second)
+        for _ in range(4):
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.post(relay.url + STREAM, data=b"{}") as response,
+            ):
+                assert response.status == 200
+        relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.finish() == 0
+    assert '"worker_died"' in relay.output
