@@ -15,10 +15,8 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config import load_config
 from relay.metrics import TERMINALS
-from tests.conftest import SSE, STEP, FakeUpstream, RelayFactory, read_all, step
+from tests.conftest import SSE, FakeUpstream, RelayFactory, read_all, step
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -307,43 +305,6 @@ def test_every_k8s_file_is_part_of_a_kustomization() -> None:
     used = set(kustomization_files(K8S)) | set(kustomization_files(K8S / "redis"))
     assert all(path.is_file() for path in used)
     assert set(K8S.rglob("*.yaml")) == used
-
-
-@pytest.mark.parametrize("with_redis", [False, True], ids=["base", "redis"])
-def test_kustomize_renders(tmp_path: Path, with_redis: bool) -> None:
-    """`kubectl kustomize` renders the base, and with `components: [redis]` adds Redis."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the structure is checked without it")
-    copy = tmp_path / "k8s"
-    shutil.copytree(K8S, copy)
-    if with_redis:  # what the comment in kustomization.yaml tells users to do
-        kustomization = load_yaml(copy / "kustomization.yaml")
-        kustomization["components"] = ["redis"]
-        (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    done = subprocess.run(
-        [kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=STEP * 6
-    )
-    assert done.returncode == 0, done.stderr
-    rendered = list(yaml.safe_load_all(done.stdout))
-    namespaced = [r for r in rendered if r["kind"] != "Namespace"]
-    assert {r["metadata"].get("namespace") for r in namespaced} == {"wavespeed-relay"}
-    (config,) = [r for r in rendered if r["kind"] == "ConfigMap"]
-    assert ("RELAY_REDIS_URL" in config["data"]) is with_redis
-    deployments = [r for r in rendered if r["kind"] == "Deployment"]
-    assert len(deployments) == 1 + with_redis
-    images = {c["image"] for d in deployments for c in d["spec"]["template"]["spec"]["containers"]}
-    assert RELAY_IMAGE not in images, "kustomize should have replaced the image name"
-    (policy,) = [
-        r
-        for r in rendered
-        if r["kind"] == "NetworkPolicy" and r["metadata"]["name"] == "wavespeed-relay"
-    ]
-    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert (6379 in egress_ports) is with_redis
-    for resource in rendered:
-        if resource["kind"] != "ServiceMonitor":
-            kubernetes_validate.validate(resource, K8S_VERSIONS[-1], strict=True)
 
 
 def test_deployment_is_locked_down() -> None:
