@@ -28,6 +28,7 @@ from relay.limits import MemoryStore, Store
 from relay.metrics import RelayMetrics
 from relay.policy import Allowlist
 from relay.redis_store import RedisStore
+from relay.routes import Route, Router
 from relay.state import EXCHANGE, STATE, AppState
 from relay.upstream import create_session
 
@@ -63,11 +64,13 @@ def create_app(
         upstream_base=config.upstream_url,
         store=store,
         gate=Gate(config, store),
+        router=Router(wavespeed_route(config), config.routes),
         auth_value=f"Bearer {config.api_key}",
     )
     app = web.Application(
         middlewares=[_bookkeeping(state, clock)],
-        client_max_size=config.max_body_bytes,
+        # The largest any route accepts; each route's own limit is enforced as it reads.
+        client_max_size=max([config.max_body_bytes, *(r.max_upload_bytes for r in config.routes)]),
         handler_args={"max_field_size": 16384},
     )
     app[STATE] = state
@@ -80,6 +83,19 @@ def create_app(
     app.router.add_routes(pages)
     app.router.add_route("*", "/{tail:.*}", proxy.relay, name=RELAYED)
     return app
+
+
+def wavespeed_route(config: Config) -> Route:
+    """The SPEC's WaveSpeed route, configured by its environment variables."""
+    return Route(
+        name="wavespeed",
+        prefix="/api/v3",
+        upstream=config.upstream_url,
+        key=config.api_key,
+        model_from="path",
+        allowed_models=config.allowed_models,
+        methods=("GET", "POST"),
+    )
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -161,6 +177,8 @@ def _log_finished(exchange: Exchange, duration: float) -> None:
         chunks=exchange.chunks,
         events=exchange.sse_events,
         terminal=exchange.terminal,
+        drained_bytes=exchange.drained_bytes,
+        heartbeats=exchange.heartbeats or None,
         ttfb_ms=None if ttfb is None else round((ttfb - exchange.started) * 1000, 3),
         duration_ms=round(duration * 1000, 3),
         client=exchange.client,

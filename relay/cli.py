@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     if args.command == "check-config":
         print(json.dumps(config.redacted(), indent=2))
         return 0
-    log.configure(config.log_level, config.log_format, secrets=[config.api_key])
+    secrets = [config.api_key, config.token_secret, *(route.key for route in config.routes)]
+    log.configure(config.log_level, config.log_format, secrets=secrets)
     if config.workers > 1 and not workers.worker_environment(environ):
         argv = list(sys.argv[1:] if argv is None else argv)
         server.run(workers.Supervisor(config, argv, environ).run)

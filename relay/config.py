@@ -20,6 +20,7 @@ from typing import Any
 from yarl import URL
 
 from relay import policy
+from relay.routes import Route, parse_routes, upstream_url
 
 DEFAULT_MODELS = (
     "minimax/speech-02-hd",
@@ -76,6 +77,7 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     allow_anonymous: bool = False
     prediction_ttl: float = 86400.0
+    routes: tuple[Route, ...] = ()  # [[routes]] from the TOML file
 
     @property
     def admin_shares_public_listener(self) -> bool:
@@ -87,7 +89,9 @@ class Config:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "redis_url" and value:
+            if f.name == "routes":
+                value = [route.redacted() for route in value]
+            elif f.name == "redis_url" and value:
                 value = _redact_url(value)
             elif f.name == "client_keys":
                 value = [name for name, _ in value]
@@ -177,21 +181,6 @@ def _host(raw: Any) -> str:
     return value
 
 
-def _upstream_url(raw: Any) -> str:
-    value = _text(raw)
-    try:
-        url = URL(value)
-    except ValueError:
-        raise ValueError("is not a URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("must be an http:// or https:// origin, with an optional base path")
-    if url.user or url.password:
-        raise ValueError("must not carry credentials")
-    if url.query_string or url.fragment:
-        raise ValueError("must not have a query or fragment")
-    return value.rstrip("/")
-
-
 def _bool(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -273,7 +262,7 @@ class _Setting:
 
 
 SETTINGS = (
-    _Setting("upstream_url", "RELAY_UPSTREAM_URL", _upstream_url),
+    _Setting("upstream_url", "RELAY_UPSTREAM_URL", upstream_url),
     _Setting("allowed_models", "RELAY_ALLOWED_MODELS", _models),
     _Setting("host", "RELAY_HOST", _host),
     _Setting("port", "RELAY_PORT", _port),
@@ -361,6 +350,9 @@ def load_config(
     if keys_file:
         values["client_keys"] = _client_keys(Path(keys_file), problems)
 
+    if "routes" in file_values:
+        values["routes"] = parse_routes(file_values["routes"], environ, problems)
+
     config = Config(**values)
     problems.extend(_cross_checks(config))
     if problems:
@@ -393,7 +385,7 @@ def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"RELAY_CONFIG: {str(path)!r} is not valid TOML: {exc}")
         return {}
     known = {s.file_key for s in SETTINGS} | {k.lower() for k in _SECRET_SOURCES}
-    known |= {k.removeprefix("RELAY_").lower() for k in _SECRET_SOURCES}
+    known |= {k.removeprefix("RELAY_").lower() for k in _SECRET_SOURCES} | {"routes"}
     problems.extend(
         f"{key} (config file): unknown setting" for key in sorted(data) if key not in known
     )

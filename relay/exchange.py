@@ -16,6 +16,7 @@ TTFB_TIMEOUT = "ttfb_timeout"
 IDLE_TIMEOUT = "idle_timeout"
 MAX_DURATION = "max_duration"
 SHUTDOWN = "shutdown"
+DRAINED = "drained"  # the client left on a drain route; the upstream was read to its end
 REJECTED = "rejected"
 
 NO_MODEL = "-"
@@ -39,6 +40,8 @@ class Exchange:
     bytes_out: int = 0
     chunks: int = 0
     first_byte_at: float | None = None
+    drained_bytes: int | None = None  # drain routes: bytes read after the client left
+    heartbeats: int = 0  # SSE keep-alive comments written by the relay
     sse_events: int | None = None  # event streams only
     terminal: str | None = None  # event streams only: done, complete, error or none
     upstream_contacted: bool = False  # stream metrics apply from here on

@@ -56,13 +56,10 @@ def resolve(method: str, raw_target: str) -> Target:
         if raw_path.startswith("/"):
             raise NotFound("no relayed route at this path")
         raise BadRequest("the request target must be an absolute path")
-    if _PATH_CHARS.fullmatch(raw_path) is None:
-        raise BadRequest("the path contains characters outside the model id grammar")
+    check_raw_path(raw_path)
 
     rest = raw_path[len(PREFIX) :]
     segments = rest.split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
-        raise BadRequest("the path has an empty, '.' or '..' segment")
     if segments[0] == "predictions":
         return _prediction(method, segments, query)
 
@@ -79,6 +76,14 @@ def resolve(method: str, raw_target: str) -> Target:
         path=f"{PREFIX}{model}{suffix}",
         query=query,
     )
+
+
+def check_raw_path(raw_path: str) -> None:
+    """Refuse percent-encoding, odd characters, and empty, '.' or '..' segments."""
+    if _PATH_CHARS.fullmatch(raw_path) is None:
+        raise BadRequest("the path contains characters outside the model id grammar")
+    if any(segment in ("", ".", "..") for segment in raw_path[1:].split("/")):
+        raise BadRequest("the path has an empty, '.' or '..' segment")
 
 
 def _prediction(method: str, segments: list[str], query: str) -> Target:

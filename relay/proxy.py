@@ -1,4 +1,5 @@
-"""The relay handler: validate -> open the upstream -> prepare -> pump -> classify.
+"""The relay handler: validate -> admit -> read the model -> open the upstream -> prepare ->
+pump -> classify.
 
 Everything that can be refused is refused before the upstream is contacted. Relay errors
 are raised (and rendered as the envelope by the app's middleware) only while nothing has
@@ -9,15 +10,20 @@ cut stream never looks complete. The outcome is classified in exactly one ``fina
 from __future__ import annotations
 
 import asyncio
+import json
+import tempfile
+from typing import IO
 
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
 from yarl import URL
 
 from relay import cors, headers, policy
 from relay.errors import (
+    BadRequest,
     ModelNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -28,22 +34,29 @@ from relay.errors import (
 from relay.exchange import (
     CLIENT_CLOSED,
     COMPLETED,
+    DRAINED,
     SHUTDOWN,
     TTFB_TIMEOUT,
     UPSTREAM_ERROR,
     Exchange,
 )
+from relay.forms import form_field
 from relay.ownership import SubmissionTap
-from relay.pump import ChunkTap, Watchdog, pump
+from relay.policy import Target
+from relay.pump import ChunkTap, Watchdog, drain, pump
+from relay.routes import Route, is_valid_body_model
 from relay.sse import SseTap
 from relay.state import EXCHANGE, STATE, AppState
 from relay.upstream import map_upstream_errors
 
 logger = structlog.get_logger("relay.proxy")
 
+Body = bytes | IO[bytes]
+SPOOL_IN_MEMORY = 1024 * 1024  # an upload larger than this waits on disk, not in memory
+
 
 async def relay(request: web.Request) -> web.StreamResponse:
-    """Relay one request under ``/api/v3/`` to the upstream."""
+    """Relay one request to the upstream its route names."""
     state = request.app[STATE]
     exchange = request[EXCHANGE]
     if request.method == "OPTIONS":
@@ -51,43 +64,117 @@ async def relay(request: web.Request) -> web.StreamResponse:
         return cors.preflight(request, state.config.allowed_origins)
     principal = state.gate.identify(request)
     exchange.client = principal.id
-    target = policy.resolve(request.method, request.raw_path)
+    route, target = state.router.resolve(request.method, request.raw_path)
     exchange.route = target.route
-    if target.model != policy.POLLING_MODEL:
-        exchange.requested_model = target.model
-        if not (state.allowlist.allows(target.model) and principal.may_use(target.model)):
-            raise ModelNotAllowed(f"model {target.model!r} is not allowed by this relay")
-    exchange.model = target.model
     if state.draining:
         raise ShuttingDown("the relay is shutting down", retry_after=1)
 
     lease = await state.gate.admit(principal, target, len(state.streams))
+    body: Body = b""
     try:
+        body, size, model = await _read_body(request, route, target, state.config.max_body_bytes)
+        if model != policy.POLLING_MODEL:
+            exchange.requested_model = model
+            if not (state.router.allowlists[route.name].allows(model) and principal.may_use(model)):
+                raise ModelNotAllowed(f"model {model!r} is not allowed by this relay")
+        exchange.model = model
         if target.task_id is not None and await state.store.owner(target.task_id) != principal.id:
             raise NotFound("no prediction with this id was submitted by this client")
-        body = await _read_body(request, state.config.max_body_bytes)
-        exchange.bytes_in = len(body)
-        url = URL(state.upstream_base + target.path + _query(target.query), encoded=True)
+        exchange.bytes_in = size
+        url = URL(route.upstream + target.path + _query(target.query), encoded=True)
         upstream_headers = headers.upstream_request_headers(
             request.headers,
-            auth_header="Authorization",
-            auth_value=state.auth_value,
+            auth_header=route.auth_header,
+            auth_value=route.auth_value,
             request_id=exchange.request_id,
         )
+        if not isinstance(body, bytes):
+            upstream_headers["Content-Length"] = str(size)
         owner = principal.id if target.route == "submit" else None
-        return await _stream(request, state, exchange, url, upstream_headers, body, owner)
+        return await _stream(request, state, route, exchange, url, upstream_headers, body, owner)
     finally:
         if lease is not None:
             state.store.release(principal.id, lease)
+        if not isinstance(body, bytes):
+            body.close()
+
+
+async def _read_body(
+    request: web.Request, route: Route, target: Target, limit: int
+) -> tuple[Body, int, str]:
+    """The body to forward (its original bytes), its size, and the model it names.
+
+    ``json`` and ``form`` routes read the model from the body the request actually carries:
+    a multipart upload's ``model`` field, or a JSON body's ``model`` key.
+    """
+    from_body = route.model_from in ("json", "form")
+    if from_body and request.content_type == "multipart/form-data":
+        spool, size = await _spool(request, route.max_upload_bytes)
+        boundary = parse_mimetype(request.headers["Content-Type"]).parameters.get("boundary")
+        if not boundary:
+            spool.close()
+            raise BadRequest("a multipart/form-data upload without a boundary")
+        model = form_field(spool, boundary, "model")
+        spool.seek(0)
+        return spool, size, _checked_model(model, spool)
+    body = await _read_bounded(request, limit)
+    if from_body:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("the request body is not JSON") from None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        return body, len(body), _checked_model(model, None)
+    if route.model_from == "path" and target.model != policy.POLLING_MODEL:
+        return body, len(body), target.model
+    return body, len(body), policy.POLLING_MODEL
+
+
+def _checked_model(model: object, spool: IO[bytes] | None) -> str:
+    if isinstance(model, str) and is_valid_body_model(model):
+        return model
+    if spool is not None:
+        spool.close()
+    raise BadRequest('the request names no valid "model"')
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+    return bytes(body)
+
+
+async def _spool(request: web.Request, limit: int) -> tuple[IO[bytes], int]:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"upload over {limit} bytes")
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by the caller
+    size = 0
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"upload over {limit} bytes")
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool, size
 
 
 async def _stream(
     request: web.Request,
     state: AppState,
+    route: Route,
     exchange: Exchange,
     url: URL,
     upstream_headers: CIMultiDict[str],
-    body: bytes,
+    body: Body,
     owner: str | None,
 ) -> web.StreamResponse:
     config = state.config
@@ -106,8 +193,8 @@ async def _stream(
     sse: SseTap | None = None
     submission: SubmissionTap | None = None
     try:
-        if body:
-            meters.bytes_in.inc(len(body))
+        if exchange.bytes_in:
+            meters.bytes_in.inc(exchange.bytes_in)
         with map_upstream_errors():
             upstream = await state.client_session.request(
                 request.method,
@@ -126,12 +213,14 @@ async def _stream(
             ),
         )
         tap: ChunkTap | None = None
+        heartbeat = None
         if upstream.content_type == "text/event-stream":
             tap = sse = SseTap(meters.sse_events.inc)
+            heartbeat = route.sse_heartbeat
         elif owner is not None and upstream.status == 200:
             tap = submission = SubmissionTap()
         await response.prepare(request)
-        await pump(upstream.content, response, exchange, meters, watchdog, tap)
+        await pump(upstream.content, response, exchange, meters, watchdog, tap, heartbeat, sse)
         exchange.outcome = COMPLETED
         if submission and owner and (task_id := submission.task_id()) is not None:
             await state.store.remember(task_id, owner, config.prediction_ttl)
@@ -140,7 +229,12 @@ async def _stream(
         outcome = watchdog.claim()
         if outcome is None:  # the client left (handler cancellation) or the process is ending
             exchange.outcome = CLIENT_CLOSED
-            raise
+            if upstream is None or response is None or route.on_disconnect != "drain":
+                raise
+            if not _uncancel():
+                raise
+            await _drain(upstream, exchange, watchdog, route)
+            return _abort(request, response)
         exchange.outcome = outcome
         if response is None:
             raise _pre_header_error(outcome) from None
@@ -154,6 +248,8 @@ async def _stream(
             raise
         if _client_gone(request):
             exchange.outcome = CLIENT_CLOSED
+            if upstream is not None and route.on_disconnect == "drain":
+                await _drain(upstream, exchange, watchdog, route)
         else:
             exchange.outcome = UPSTREAM_ERROR
             exchange.detail = type(exc).__name__
@@ -168,10 +264,33 @@ async def _stream(
         state.stream_closed(watchdog)
         meters.active.dec()
         if upstream is not None:
-            if exchange.outcome == COMPLETED:
+            if exchange.outcome in (COMPLETED, DRAINED):
                 upstream.release()  # the connection goes back to the pool
             else:
                 upstream.close()  # the provider sees the disconnect and stops generating
+
+
+def _uncancel() -> bool:
+    """Take back the client's cancellation to keep draining; False if more are pending."""
+    task = asyncio.current_task()
+    return task is not None and task.uncancel() == 0
+
+
+async def _drain(
+    upstream: aiohttp.ClientResponse, exchange: Exchange, watchdog: Watchdog, route: Route
+) -> None:
+    """The client left on a ``drain`` route: read the upstream to its end, bounded."""
+    try:
+        if await drain(upstream.content, exchange, watchdog, route.drain_max_bytes):
+            exchange.outcome = DRAINED
+    except asyncio.CancelledError:
+        outcome = watchdog.claim()
+        if outcome is None:
+            raise
+        exchange.outcome = outcome
+    except (aiohttp.ClientError, OSError) as exc:
+        exchange.outcome = UPSTREAM_ERROR
+        exchange.detail = type(exc).__name__
 
 
 def _pre_header_error(outcome: str) -> RelayError:
@@ -195,12 +314,3 @@ def _client_gone(request: web.Request) -> bool:
 
 def _query(raw: str) -> str:
     return f"?{raw}" if raw else ""
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body over {limit} bytes") from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import StreamReader, web
 
@@ -25,6 +25,7 @@ from relay.exchange import (
     Exchange,
 )
 from relay.metrics import StreamMeters
+from relay.sse import SseTap
 
 ChunkTap = Callable[[bytes], None]
 
@@ -96,13 +97,20 @@ async def pump(
     meters: StreamMeters,
     watchdog: Watchdog,
     tap: ChunkTap | None = None,
+    heartbeat: float | None = None,
+    events: SseTap | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Copy ``source`` to ``sink`` chunk by chunk until the upstream's clean end.
 
+    With ``heartbeat`` (event streams only) an SSE comment is written whenever the upstream
+    has been silent that long and the stream stands at an event boundary.
     Raises whatever the read or the write raises; the caller classifies it.
     """
-    read, write = source.readany, sink.write
+    write = sink.write
+    read: Callable[[], Awaitable[bytes]] = source.readany
+    if heartbeat is not None and events is not None:
+        read = _with_heartbeat(source, sink, exchange, heartbeat, events)
     observe_gap, observe_forward = meters.gap.observe, meters.forward.observe
     inc_bytes, inc_chunks = meters.bytes_out.inc, meters.chunks.inc
     previous = 0.0
@@ -125,3 +133,38 @@ async def pump(
         observe_forward(written - received)
         inc_bytes(size)
         inc_chunks()
+
+
+HEARTBEAT = b": keep-alive\n\n"
+
+
+def _with_heartbeat(
+    source: StreamReader,
+    sink: web.StreamResponse,
+    exchange: Exchange,
+    every: float,
+    events: SseTap,
+) -> Callable[[], Awaitable[bytes]]:
+    async def read() -> bytes:
+        while True:
+            try:
+                return await asyncio.wait_for(source.readany(), every)
+            except TimeoutError:  # nothing lost: the bytes stay in the reader's buffer
+                if events.at_boundary:
+                    await sink.write(HEARTBEAT)
+                    exchange.heartbeats += 1
+
+    return read
+
+
+async def drain(source: StreamReader, exchange: Exchange, watchdog: Watchdog, limit: int) -> bool:
+    """Read the upstream to its end with nobody to write to; False past ``limit`` bytes."""
+    read, clock = source.readany, time.monotonic
+    total = 0
+    while chunk := await read():
+        watchdog.last = clock()
+        total += len(chunk)
+        exchange.drained_bytes = total
+        if total > limit:
+            return False
+    return True

@@ -56,6 +56,11 @@ class SseTap:
         self.events = 0
         self.terminal = NONE
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether everything forwarded so far ends on an event boundary."""
+        return not self._pending
+
     def __call__(self, chunk: bytes) -> None:
         if b"\r" in chunk:  # CRLF and CR line ends, for the tap's eyes only
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

@@ -15,6 +15,7 @@ from relay.gate import Gate
 from relay.limits import Store
 from relay.metrics import RelayMetrics
 from relay.policy import Allowlist
+from relay.routes import Router
 
 if TYPE_CHECKING:
     from relay.pump import Watchdog
@@ -30,6 +31,7 @@ class AppState:
     upstream_base: str
     store: Store
     gate: Gate
+    router: Router
     auth_value: str = field(repr=False)
     session: aiohttp.ClientSession | None = None
     streams: set[Watchdog] = field(default_factory=set)

@@ -132,7 +132,7 @@ class FakeUpstream:
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
     fake = FakeUpstream()
-    app = web.Application()
+    app = web.Application(client_max_size=1024**3)  # uploads in tests are bounded by the relay
     app.router.add_route("*", "/{tail:.*}", fake._handle)
     fake.server = TestServer(app, host="127.0.0.1")
     await fake.server.start_server()  # handler_cancellation=True, as for the relay

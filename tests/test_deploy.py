@@ -36,7 +36,8 @@ from tests.conftest import SSE, FakeUpstream, RelayFactory, read_all, step
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
+# The contract as this repository carries it (test_contract.py keeps it equal to shared/).
+SPEC = Path(__file__).resolve().parents[1] / "docs" / "SPEC.md"
 
 CONTAINER_TMP = "/tmp"  # noqa: S108 (the container's tmpfs, not a temporary file here)
 PUBLIC_PORT = 8080
