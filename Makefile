@@ -27,5 +27,10 @@ test: lint typecheck pytest
 demo: $(STAMP)
 	$(BIN)/relay demo
 
+# Not part of `make test`: timings are reported, never asserted. QUICK=1 for the short run.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench $(if $(QUICK),--quick)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Peer relays the benchmark compares the relay with."""

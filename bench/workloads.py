@@ -1,0 +1,383 @@
+"""W0..W7: each drives one system (or the upstream directly) and returns plain numbers.
+
+A workload gets a :class:`Target` (the port to talk to, and the system to read /proc from,
+``None`` for direct) and its parameters, and returns a flat ``dict`` of metrics. Times are
+microseconds, memory bytes, CPU seconds. Nothing here decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import zlib
+from dataclasses import dataclass
+
+from bench.client import EventSink, Stream, http_json, open_stream, request_bytes
+from bench.systems import System, cpu_seconds
+from bench.upstream import BLOCK_BYTES, bulk_block
+
+Metrics = dict[str, float | int | str | None]
+
+
+@dataclass
+class Target:
+    port: int
+    system: System | None  # None: the client talks to the fake upstream directly
+    upstream_port: int
+    upstream_pid: int
+
+
+def pct(values: list[int] | list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))])
+
+
+def _us(ns: float) -> float:
+    return round(ns / 1000, 1)
+
+
+def expected_digest(size: int) -> int:
+    """CRC-32 of the bulk body the fake upstream sends for ``size`` bytes.
+
+    CRC-32 rather than SHA-256: the rig hashes every byte on its one core, and SHA-256
+    halved its ceiling (about 0.9 GB/s against 1.6 GB/s here), close enough to the systems'
+    figures to distort them. Any lost, repeated, reordered or altered byte changes the CRC
+    (and the length is checked too); nothing here is adversarial.
+    """
+    block = bulk_block()
+    crc = 0
+    full, rest = divmod(size, BLOCK_BYTES)
+    for _ in range(full):
+        crc = zlib.crc32(block, crc)
+    return zlib.crc32(block[:rest], crc)
+
+
+async def _upstream_stats(target: Target) -> dict[str, object]:
+    return json.loads(await http_json(target.upstream_port, "GET", "/_bench/stats"))  # type: ignore[no-any-return]
+
+
+async def _settle(target: Target, open_before: int, within: float) -> int:
+    """Wait until the upstream holds no more streams than before; returns what it holds."""
+    deadline = time.monotonic() + within
+    while True:
+        held = int((await _upstream_stats(target))["open_streams"])  # type: ignore[call-overload]
+        if held <= open_before or time.monotonic() > deadline:
+            return held
+        await asyncio.sleep(0.1)
+
+
+# --- W1: per-event latency of one stream ---------------------------------------------------
+
+
+async def w1_latency(target: Target, *, events: int, rate: float) -> Metrics:
+    sink = EventSink()
+    query = f"mode=sse&n={events}&rate={rate}&pad=40"
+    stream = await open_stream(target.port, request_bytes(target.port, query), events=sink)
+    await asyncio.wait_for(stream.done, events / rate * 3 + 10)
+    delays = sink.delays[5:]  # the first few carry connection setup
+    return {
+        "events": sink.count,
+        "p50_us": _us(pct(delays, 0.5)),
+        "p99_us": _us(pct(delays, 0.99)),
+    }
+
+
+# --- W2 (and W0): fan-out ------------------------------------------------------------------
+
+
+async def w2_fanout(target: Target, *, streams: int, rate: float, seconds: float) -> Metrics:
+    """``streams`` streams at ``rate`` events/s each; CPU and delivery over the steady
+    window (all streams flowing, none finished yet)."""
+    loop = asyncio.get_running_loop()
+    sink = EventSink()
+    n = max(2, round(rate * seconds))
+    request = request_bytes(target.port, f"mode=sse&n={n}&rate={rate}&pad=40")
+    flowing = 0
+    window: dict[str, float] = {}
+    all_flowing: asyncio.Future[None] = loop.create_future()
+    sut_pids = target.system.pids if target.system is not None else []
+    rig_pids = [target.upstream_pid]
+
+    def sample(tag: str) -> None:
+        window[f"{tag}_t"] = time.monotonic()
+        window[f"{tag}_events"] = sink.count
+        window[f"{tag}_sut_cpu"] = cpu_seconds(sut_pids)
+        window[f"{tag}_rig_cpu"] = cpu_seconds(rig_pids) + time.process_time()
+
+    def first_event(_: Stream) -> None:
+        nonlocal flowing
+        flowing += 1
+        if flowing == streams and not all_flowing.done():
+            sample("start")
+            all_flowing.set_result(None)
+
+    opened: list[Stream] = []
+    spacing = 1.0 / rate / streams  # spread the streams' phases over one event period
+    t0 = loop.time()
+    failures = 0
+    for i in range(streams):
+        delay = t0 + i * spacing - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            opened.append(
+                await open_stream(target.port, request, events=sink, on_first_event=first_event)
+            )
+        except OSError:
+            failures += 1
+    timeout = seconds * 4 + 30
+    try:
+        await asyncio.wait_for(all_flowing, timeout)
+        await asyncio.wait(
+            [s.done for s in opened], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        sample("end")
+        await asyncio.wait([s.done for s in opened], timeout=timeout)
+    except TimeoutError:
+        pass
+    finally:
+        for s in opened:
+            s.close()
+    if "end_t" not in window:
+        return {"error": f"only {flowing}/{streams} streams flowed", "failures": failures}
+    wall = window["end_t"] - window["start_t"]
+    events = window["end_events"] - window["start_events"]
+    sut_cpu = window["end_sut_cpu"] - window["start_sut_cpu"]
+    rig_cpu = window["end_rig_cpu"] - window["start_rig_cpu"]
+    delays = sink.delays
+    return {
+        "streams": streams,
+        "failures": failures,
+        "incomplete": sum(1 for s in opened if not s.complete),
+        "events": sink.count,
+        "window_s": round(wall, 3),
+        "delivered_per_s": round(events / wall, 1) if wall > 0 else None,
+        "expected_per_s": streams * rate,
+        "p50_us": _us(pct(delays, 0.5)),
+        "p99_us": _us(pct(delays, 0.99)),
+        "cpu_s_per_1k_events": (
+            round(sut_cpu / events * 1000, 5) if events and target.system else None
+        ),
+        "sut_cpu_util": round(sut_cpu / wall, 3) if wall > 0 else None,
+        "rig_cpu_util": round(rig_cpu / wall, 3) if wall > 0 else None,
+    }
+
+
+# --- W3: bulk, and a slow reader ----------------------------------------------------------
+
+
+async def w3_bulk(target: Target, *, size: int, digest: int) -> Metrics:
+    """One ``size``-byte body as fast as it flows, checked against the expected CRC-32."""
+    crc = 0
+
+    def check(view: memoryview) -> None:
+        nonlocal crc
+        crc = zlib.crc32(view, crc)
+
+    request = request_bytes(target.port, f"mode=bulk&bytes={size}")
+    cpu0 = target.system.cpu() if target.system else 0.0
+    t0 = time.perf_counter()
+    stream = await open_stream(target.port, request, on_body=check)
+    await asyncio.wait_for(stream.done, 600)
+    elapsed = time.perf_counter() - t0
+    cpu = (target.system.cpu() - cpu0) if target.system else 0.0
+    return {
+        "bytes": stream.body_bytes,
+        "identical": int(stream.body_bytes == size and crc == digest),
+        "mb_per_s": round(size / elapsed / 1e6, 1),
+        "cpu_s_per_gb": round(cpu / size * 1e9, 3) if target.system else None,
+    }
+
+
+async def w3_slow_reader(target: Target, *, size: int, stall: float) -> Metrics:
+    """The client reads the first bytes, then stops reading for ``stall`` seconds."""
+    assert target.system is not None
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+    holder: list[Stream] = []
+
+    def on_body(_: memoryview) -> None:
+        if not started.done():
+            assert holder[0].transport is not None
+            holder[0].transport.pause_reading()
+            started.set_result(None)
+
+    rss0 = target.system.rss()
+    request = request_bytes(target.port, f"mode=bulk&bytes={size}")
+    open_before = int((await _upstream_stats(target))["open_streams"])  # type: ignore[call-overload]
+    stream = await open_stream(target.port, request, on_body=on_body)
+    holder.append(stream)
+    await asyncio.wait_for(started, 30)
+    peak = rss0
+    deadline = loop.time() + stall
+    while loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        peak = max(peak, target.system.rss())
+    received = stream.body_bytes
+    stream.abort()
+    await _settle(target, open_before, 10)
+    return {"rss_growth_bytes": peak - rss0, "client_received_bytes": received}
+
+
+# --- W4: idle streams ----------------------------------------------------------------------
+
+
+async def w4_idle(
+    target: Target, *, streams: int, budget: float, concurrency: int = 200
+) -> Metrics:
+    """Open ``streams`` idle streams within ``budget`` seconds; RSS per stream held."""
+    assert target.system is not None
+    loop = asyncio.get_running_loop()
+    request = request_bytes(target.port, "mode=sse&n=1&hold=1&pad=40")
+    open_before = int((await _upstream_stats(target))["open_streams"])  # type: ignore[call-overload]
+    rss0, fds0 = target.system.rss(), target.system.fds()
+    gate = asyncio.Semaphore(concurrency)
+    held: list[Stream] = []
+    errors: list[str] = []
+
+    async def one() -> None:
+        async with gate:
+            first: asyncio.Future[None] = loop.create_future()
+
+            def flowing(_: Stream) -> None:
+                if not first.done():
+                    first.set_result(None)
+
+            try:
+                stream = await open_stream(
+                    target.port, request, events=EventSink(), on_first_event=flowing
+                )
+            except OSError as exc:
+                errors.append(type(exc).__name__)
+                return
+            held.append(stream)
+            done = await asyncio.wait(
+                [first, stream.done], timeout=30, return_when="FIRST_COMPLETED"
+            )
+            if first not in done[0]:
+                errors.append(f"status {stream.status}" if stream.status else "no first event")
+
+    tasks = [asyncio.ensure_future(one()) for _ in range(streams)]
+    _, late = await asyncio.wait(tasks, timeout=budget)  # a system too slow to open them all
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    await asyncio.sleep(1.0)
+    alive = sum(1 for s in held if not s.done.done() and s.n_events)
+    rss1, fds1 = target.system.rss(), target.system.fds()
+    for s in held:
+        s.close()
+    await _settle(target, open_before, 15)
+    return {
+        "asked": streams,
+        "held": alive,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "rss_per_stream_bytes": round((rss1 - rss0) / alive) if alive else None,
+        "fds_per_stream": round((fds1 - fds0) / alive, 2) if alive else None,
+    }
+
+
+# --- W5: time to first byte at a fixed arrival rate ----------------------------------------
+
+
+async def w5_ttfb(target: Target, *, rate: float, count: int) -> Metrics:
+    loop = asyncio.get_running_loop()
+    request = request_bytes(target.port, "mode=sse&n=1&pad=40")
+    ttfbs: list[int] = []
+    errors = 0
+
+    async def one(at: float) -> None:
+        nonlocal errors
+        await asyncio.sleep(max(0.0, at - loop.time()))
+        t0 = time.monotonic_ns()
+        try:
+            stream = await open_stream(target.port, request)
+            await asyncio.wait_for(stream.done, 30)
+        except (OSError, TimeoutError):
+            errors += 1
+            return
+        if stream.status == 200 and stream.first_body_ns:
+            ttfbs.append(stream.first_body_ns - t0)
+        else:
+            errors += 1
+
+    start = loop.time() + 0.05
+    tasks = [asyncio.ensure_future(one(start + i / rate)) for i in range(count)]
+    await asyncio.gather(*tasks)
+    return {
+        "requests": count,
+        "errors": errors,
+        "p50_us": _us(pct(ttfbs, 0.5)),
+        "p99_us": _us(pct(ttfbs, 0.99)),
+    }
+
+
+# --- W7: churn -----------------------------------------------------------------------------
+
+
+async def _abort_many(
+    target: Target, count: int, concurrency: int, tag: str, aborted: dict[str, int]
+) -> int:
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(concurrency)
+    failed = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        key = f"{tag}-{i}"
+        request = request_bytes(target.port, f"mode=sse&n=0&rate=50&pad=40&id={key}")
+        async with gate:
+            first: asyncio.Future[None] = loop.create_future()
+
+            def flowing(_: Stream) -> None:
+                if not first.done():
+                    first.set_result(None)
+
+            try:
+                stream = await open_stream(
+                    target.port, request, events=EventSink(), on_first_event=flowing
+                )
+                await asyncio.wait_for(first, 30)
+            except (OSError, TimeoutError):
+                failed += 1
+                return
+            aborted[key] = time.monotonic_ns()
+            stream.abort()
+
+    await asyncio.gather(*[asyncio.ensure_future(one(i)) for i in range(count)])
+    return failed
+
+
+async def w7_churn(target: Target, *, aborts: int, concurrency: int = 50) -> Metrics:
+    assert target.system is not None
+    system = target.system
+    await http_json(target.upstream_port, "POST", "/_bench/reset")
+    warm: dict[str, int] = {}
+    await _abort_many(target, min(100, aborts), concurrency, "warm", warm)
+    open_before = await _settle(target, 0, 10)
+    await asyncio.sleep(0.5)
+    rss0, fds0, tasks0 = system.rss(), system.fds(), system.tasks()
+    aborted: dict[str, int] = {}
+    failed = await _abort_many(target, aborts, concurrency, "churn", aborted)
+    still_open = await _settle(target, open_before, 10)
+    await asyncio.sleep(0.5)
+    rss1, fds1, tasks1 = system.rss(), system.fds(), system.tasks()
+    closed = (await _upstream_stats(target))["closed"]
+    assert isinstance(closed, dict)
+    lags = [closed[k] - t for k, t in aborted.items() if k in closed]
+    return {
+        "aborts": len(aborted),
+        "failed": failed,
+        "upstream_left_open": still_open - open_before,
+        "upstream_not_closed": sum(1 for k in aborted if k not in closed),
+        "close_p50_us": _us(pct(lags, 0.5)),
+        "close_p99_us": _us(pct(lags, 0.99)),
+        "fd_growth": fds1 - fds0,
+        "task_growth": None if tasks0 is None or tasks1 is None else tasks1 - tasks0,
+        "rss_growth_bytes": rss1 - rss0,
+    }
