@@ -12,6 +12,12 @@ It speaks the shapes the relay must carry (see ``shared/reference``):
 - ``GET /api/v3/predictions/{id}`` and ``.../result``: ``processing`` on the first poll,
   then ``completed`` with outputs (or ``failed``, for a task submitted with ``?fail=task``).
 
+For the README's route examples it also speaks OpenAI-compatible gateways and a TTS vendor:
+``POST /v1/chat/completions`` (chunks ending in ``data: [DONE]``), ``POST /v1/audio/speech``
+(SSE with base64 audio, or raw ``audio/mpeg`` without ``"stream_format": "sse"``),
+``POST /v1/audio/transcriptions`` (a multipart upload in, ``{"text"}`` events out) and
+``POST /text-to-speech/stream`` (raw ``audio/mpeg``; its key may come as ``xi-api-key``).
+
 It checks the bearer key like the real API (any non-empty key when none is configured), so a
 relay that forgot to inject it gets a 401 here too.
 
@@ -24,6 +30,7 @@ the connection after N events or chunks, ``?fail=task`` makes a submitted task f
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -75,6 +82,10 @@ def create_mock_app(api_key: str = "") -> web.Application:
     app.router.add_post("/api/v3/predictions/{task_id}", _method_not_allowed)
     app.router.add_get("/api/v3/predictions/{task_id}", _prediction)
     app.router.add_get("/api/v3/predictions/{task_id}/result", _prediction)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/audio/speech", _speech)
+    app.router.add_post("/v1/audio/transcriptions", _transcription)
+    app.router.add_post("/text-to-speech/stream", _tts)
     app.router.add_post("/api/v3/{model:.+}/stream", _stream)
     app.router.add_post("/api/v3/{model:.+}", _submit)
     return app
@@ -89,6 +100,7 @@ async def _check_key(request: web.Request, handler: Handler) -> web.StreamRespon
     expected = request.app[MOCK_KEY]
     auth = request.headers.get("Authorization", "")
     token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+    token = token or request.headers.get("xi-api-key", "").strip()  # a TTS vendor's header
     if not token or (expected and token != expected):
         return _envelope(401, "Unauthorized: invalid API key")
     fail = request.query.get("fail", "")
@@ -129,6 +141,33 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     if model.startswith("wavespeed-ai/any-llm"):
         return await _sse(request, llm_events(), "llm")
     return await _sse(request, progress_events(), "progress")
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    return await _sse(request, llm_events(), "llm")
+
+
+async def _speech(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    payload = json.loads(body or b"{}")
+    if isinstance(payload, dict) and payload.get("stream_format") == "sse":
+        chunks = audio_chunks("mp3")
+        events = [_data({"audio": base64.b64encode(c).decode()}) for c in chunks]
+        return await _sse(request, [*events, b"data: [DONE]\n\n"], "audio")
+    return await _audio(request, "mp3")
+
+
+async def _transcription(request: web.Request) -> web.StreamResponse:
+    await request.read()  # a mock: the upload itself is not listened to
+    words = ANSWER.split(" ")[:8]
+    events = [_data({"text": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+    return await _sse(request, [*events, b"data: [DONE]\n\n"], "llm")
+
+
+async def _tts(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    return await _audio(request, "mp3")
 
 
 async def _paced_write(
