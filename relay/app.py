@@ -125,7 +125,10 @@ def _bookkeeping(state: AppState, clock: Callable[[], float]) -> Any:
         request[EXCHANGE] = exchange
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
-                return await handler(request)
+                response = await handler(request)
+                if exchange.status == 0:  # answered without an upstream (a preflight)
+                    exchange.status = response.status
+                return response
             except RelayError as exc:
                 return _render(exchange, exc)
             except web.HTTPException as exc:  # aiohttp's own refusals, in our envelope

@@ -22,8 +22,6 @@ from relay.policy import Target
 
 logger = structlog.get_logger("relay.gate")
 
-STREAMING_ROUTES = frozenset({"stream", "submit"})  # polling takes no stream slot
-
 
 class Gate:
     def __init__(self, config: Config, store: Store) -> None:
@@ -56,7 +54,7 @@ class Gate:
                 raise RateLimited(
                     "request rate limit reached", retry_after=max(1, math.ceil(retry_after))
                 )
-            if target.route not in STREAMING_ROUTES:
+            if not target.takes_slot:
                 return None
             if open_streams >= self._config.max_streams:
                 raise Overloaded("the relay is at its stream capacity", retry_after=1)

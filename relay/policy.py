@@ -35,6 +35,7 @@ class Target:
     path: str  # upstream path, built only from validated pieces
     query: str  # the raw query string, forwarded as sent ("" when absent)
     task_id: str | None = None
+    takes_slot: bool = True  # counts against the stream limits (polling does not)
 
 
 def is_valid_model(model: str) -> bool:
@@ -105,6 +106,7 @@ def _prediction(method: str, segments: list[str], query: str) -> Target:
         path=f"{PREFIX}predictions/{task_id}{suffix}",
         query=query,
         task_id=task_id,
+        takes_slot=False,
     )
 
 

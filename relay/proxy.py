@@ -233,7 +233,7 @@ async def _stream(
                 raise
             if not _uncancel():
                 raise
-            await _drain(upstream, exchange, watchdog, route)
+            await _drain(upstream, exchange, watchdog, route, absorbed=True)
             return _abort(request, response)
         exchange.outcome = outcome
         if response is None:
@@ -277,20 +277,35 @@ def _uncancel() -> bool:
 
 
 async def _drain(
-    upstream: aiohttp.ClientResponse, exchange: Exchange, watchdog: Watchdog, route: Route
+    upstream: aiohttp.ClientResponse,
+    exchange: Exchange,
+    watchdog: Watchdog,
+    route: Route,
+    *,
+    absorbed: bool = False,
 ) -> None:
-    """The client left on a ``drain`` route: read the upstream to its end, bounded."""
-    try:
-        if await drain(upstream.content, exchange, watchdog, route.drain_max_bytes):
-            exchange.outcome = DRAINED
-    except asyncio.CancelledError:
-        outcome = watchdog.claim()
-        if outcome is None:
-            raise
-        exchange.outcome = outcome
-    except (aiohttp.ClientError, OSError) as exc:
-        exchange.outcome = UPSTREAM_ERROR
-        exchange.detail = type(exc).__name__
+    """The client left on a ``drain`` route: read the upstream to its end, bounded.
+
+    The client's leaving cancels this task once (handler cancellation); that cancellation
+    is absorbed, unless it already was. Deadlines and the shutdown cut still end the drain.
+    """
+    while True:
+        try:
+            if await drain(upstream.content, exchange, watchdog, route.drain_max_bytes):
+                exchange.outcome = DRAINED
+            return
+        except asyncio.CancelledError:
+            outcome = watchdog.claim()
+            if outcome is not None:
+                exchange.outcome = outcome
+                return
+            if absorbed or not _uncancel():
+                raise
+            absorbed = True
+        except (aiohttp.ClientError, OSError) as exc:
+            exchange.outcome = UPSTREAM_ERROR
+            exchange.detail = type(exc).__name__
+            return
 
 
 def _pre_header_error(outcome: str) -> RelayError:

@@ -160,7 +160,7 @@ def _with_heartbeat(
 async def drain(source: StreamReader, exchange: Exchange, watchdog: Watchdog, limit: int) -> bool:
     """Read the upstream to its end with nobody to write to; False past ``limit`` bytes."""
     read, clock = source.readany, time.monotonic
-    total = 0
+    total = exchange.drained_bytes or 0  # a drain may resume after an absorbed cancellation
     while chunk := await read():
         watchdog.last = clock()
         total += len(chunk)

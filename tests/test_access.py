@@ -404,3 +404,13 @@ async def test_slot_is_released_when_the_client_leaves_before_headers(
     assert await relay.app[STATE].wait_streams_closed(STEP)
     upstream.respond(200, b"{}")
     assert (await relay.client.post(STREAM, data=b"{}")).status == 200
+
+
+async def test_preflights_are_recorded_with_their_status(
+    upstream: FakeUpstream, guarded: Relay
+) -> None:
+    """An answered preflight counts as a 204 on route preflight, not as a client that left."""
+    await guarded.client.options(
+        STREAM, headers={"Origin": APP, "Access-Control-Request-Method": "POST"}
+    )
+    assert guarded.metric("relay_requests_total", route="preflight", model="-", code="204") == 1

@@ -437,3 +437,36 @@ async def test_route_handler_is_not_confused_by_wavespeed_paths(
     response = await relay.client.post("/api/v3/wavespeed-ai/any-llm/stream", data=b"{}")
     assert response.status == 200
     assert upstream.seen[0].headers["authorization"] == [f"Bearer {FAKE_KEY}"]
+
+
+async def test_configured_routes_take_stream_slots(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """RELAY_MAX_STREAMS_PER_CLIENT holds on configured routes too, and frees at the end."""
+    relay = await make_relay(routes=(tts_route(upstream),), max_streams_per_client=1)
+    feed = upstream.stream("audio/mpeg")
+    first = await step(relay.client.post("/tts/text-to-speech/stream", json={"text": "x"}))
+    busy = await relay.client.post("/tts/text-to-speech/stream", json={"text": "y"})
+    assert busy.status == 429
+    feed.end()
+    await read_all(first)
+    assert await relay.app[STATE].wait_streams_closed(STEP)
+    upstream.respond(200, b"ok", {"Content-Type": "audio/mpeg"})
+    assert (await relay.client.post("/tts/text-to-speech/stream", json={"text": "z"})).status == 200
+
+
+async def test_drain_survives_a_failed_write(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """When the client is gone mid-write, the drain still reads the upstream to its end."""
+    relay = await make_relay(routes=(tts_route(upstream, on_disconnect="drain"),))
+    feed = upstream.stream("audio/mpeg")
+    for _ in range(400):  # far more than the socket buffers hold: the relay is mid-write
+        feed.send(b"w" * 65536)
+    response = await step(relay.client.post("/tts/text-to-speech/stream", json={"text": "x"}))
+    await step(response.content.readexactly(65536))
+    response.close()
+    feed.end()
+    assert await relay.app[STATE].wait_streams_closed(STEP)
+    assert upstream.written == 400 * 65536
+    assert relay.metric("relay_streams_total", model="-", outcome="drained") == 1
