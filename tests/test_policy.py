@@ -12,8 +12,8 @@ GOOD = [
     ("POST", "/api/v3/minimax/speech-02-hd/stream", Target("stream", "minimax/speech-02-hd", "/api/v3/minimax/speech-02-hd/stream", "")),
     ("POST", "/api/v3/wavespeed-ai/any-llm/vision/stream?x=1", Target("stream", "wavespeed-ai/any-llm/vision", "/api/v3/wavespeed-ai/any-llm/vision/stream", "x=1")),
     ("POST", "/api/v3/minimax/speech-2.5-hd-preview", Target("submit", "minimax/speech-2.5-hd-preview", "/api/v3/minimax/speech-2.5-hd-preview", "")),
-    ("GET", "/api/v3/predictions/task-abc123", Target("prediction", "-", "/api/v3/predictions/task-abc123", "", "task-abc123")),
-    ("GET", "/api/v3/predictions/ABC_123/result", Target("result", "-", "/api/v3/predictions/ABC_123/result", "", "ABC_123")),
+    ("GET", "/api/v3/predictions/task-abc123", Target("prediction", "-", "/api/v3/predictions/task-abc123", "", "task-abc123", takes_slot=False)),
+    ("GET", "/api/v3/predictions/ABC_123/result", Target("result", "-", "/api/v3/predictions/ABC_123/result", "", "ABC_123", takes_slot=False)),
 ]  # fmt: skip
 
 
