@@ -47,18 +47,21 @@ class _Nop:
 
 
 class _NopMeters:
-    """Stands in for ``StreamMeters`` whatever fields it has: every attribute is a no-op."""
+    """Stands in for ``StreamMeters``: the same interface, recording nothing."""
 
-    __slots__ = ()
-    _nop = _Nop()
+    def __init__(self) -> None:
+        self.ttfb = self.active = self.bytes_in = _Nop()
+        self.events: Any = None
 
-    def __getattr__(self, name: str) -> _Nop:
-        return self._nop
+    def chunk(self, received: float, written: float) -> None:
+        pass
+
+    def flush(self, now: float) -> None:
+        pass
 
 
 def metrics_off() -> None:
-    meters = _NopMeters()
-    RelayMetrics.stream = lambda self, model: meters  # type: ignore[method-assign,assignment,return-value]
+    RelayMetrics.stream = lambda self, model, exchange: _NopMeters()  # type: ignore[method-assign,assignment,return-value]
     RelayMetrics.finish = lambda self, exchange, duration: None  # type: ignore[method-assign]
 
 

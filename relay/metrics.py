@@ -1,16 +1,20 @@
 """Every ``relay_*`` metric, owned by one :class:`RelayMetrics` per app (a fresh registry per
-test). Label children for a stream are resolved once, in :meth:`RelayMetrics.stream`, so the
-per-chunk path only calls methods on objects it already holds.
+test). Label children for a stream are resolved once, in :meth:`RelayMetrics.stream`, and
+the per-chunk figures are batched per stream (:class:`StreamMeters`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import math
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from relay.exchange import Exchange
+
+if TYPE_CHECKING:
+    from relay.sse import SseTap
 
 # Speech and video first bytes can take minutes: up to 10 min.
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -37,18 +41,94 @@ DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 TERMINALS = ("done", "complete", "error", "none")
 
 
-@dataclass(slots=True)
-class StreamMeters:
-    """The label children one stream touches, resolved when the stream opens."""
+FLUSH_SECONDS = 1.0  # how far /metrics may lag a live stream's chunk figures
+_GAP_BOUNDS = (*GAP_BUCKETS, math.inf)
+_FORWARD_BOUNDS = (*FORWARD_BUCKETS, math.inf)
 
-    ttfb: Any
-    gap: Any
-    forward: Any
-    bytes_out: Any
-    bytes_in: Any
-    chunks: Any
-    active: Any
-    sse_events: Any
+
+class StreamMeters:
+    """One stream's label children, and its per-chunk figures kept in plain numbers.
+
+    :meth:`chunk` runs once per chunk and touches no lock and no prometheus object: it bins
+    the gap and forward times into local bucket counts (the bins ``Histogram.observe`` would
+    pick), while the stream's byte and chunk totals live in its :class:`Exchange`.
+    :meth:`flush` pushes what accumulated into the shared metrics, at most once per
+    ``FLUSH_SECONDS`` while the stream runs and once when it ends.
+    """
+
+    __slots__ = (
+        "_bytes_flushed", "_bytes_out", "_chunks", "_chunks_flushed", "_events_flushed",
+        "_exchange", "_flush_at", "_forward", "_forward_counts", "_forward_sum", "_gap",
+        "_gap_counts", "_gap_sum", "_previous", "_sse_events", "active", "bytes_in", "events",
+        "ttfb",
+    )  # fmt: skip
+
+    def __init__(self, metrics: RelayMetrics, model: str, exchange: Exchange) -> None:
+        self.ttfb = metrics.ttfb.labels(model)
+        self.active = metrics.active.labels(model)
+        self.bytes_in = metrics.bytes.labels(model, "client_to_upstream")
+        self._gap = metrics.gap.labels(model)
+        self._forward = metrics.forward.labels(model)
+        self._bytes_out = metrics.bytes.labels(model, "upstream_to_client")
+        self._chunks = metrics.chunks.labels(model)
+        self._sse_events = metrics.sse_events.labels(model)
+        self._exchange = exchange
+        self.events: SseTap | None = None  # an event stream's tap, whose count is flushed
+        self._gap_counts = [0] * len(_GAP_BOUNDS)
+        self._forward_counts = [0] * len(_FORWARD_BOUNDS)
+        self._gap_sum = self._forward_sum = 0.0
+        self._bytes_flushed = self._chunks_flushed = self._events_flushed = 0
+        self._previous: float | None = None
+        self._flush_at = exchange.started + FLUSH_SECONDS
+
+    def chunk(self, received: float, written: float) -> None:
+        """One chunk, read from the upstream at ``received`` and written at ``written``."""
+        previous = self._previous
+        if previous is None:
+            self._exchange.first_byte_at = written
+            self.ttfb.observe(written - self._exchange.started)
+        else:
+            gap = received - previous
+            self._gap_counts[bisect_left(_GAP_BOUNDS, gap)] += 1
+            self._gap_sum += gap
+        self._previous = received
+        forward = written - received
+        self._forward_counts[bisect_left(_FORWARD_BOUNDS, forward)] += 1
+        self._forward_sum += forward
+        if written >= self._flush_at:
+            self.flush(written)
+
+    def flush(self, now: float) -> None:
+        """Push the figures gathered since the last flush into the shared metrics."""
+        self._flush_at = now + FLUSH_SECONDS
+        _add(self._gap, self._gap_counts, self._gap_sum)
+        _add(self._forward, self._forward_counts, self._forward_sum)
+        self._gap_sum = self._forward_sum = 0.0
+        exchange = self._exchange
+        if exchange.bytes_out > self._bytes_flushed:
+            self._bytes_out.inc(exchange.bytes_out - self._bytes_flushed)
+            self._bytes_flushed = exchange.bytes_out
+        if exchange.chunks > self._chunks_flushed:
+            self._chunks.inc(exchange.chunks - self._chunks_flushed)
+            self._chunks_flushed = exchange.chunks
+        if self.events is not None and self.events.events > self._events_flushed:
+            self._sse_events.inc(self.events.events - self._events_flushed)
+            self._events_flushed = self.events.events
+
+
+def _add(histogram: Any, counts: list[int], total: float) -> None:
+    """Add binned observations to a histogram child, as that many ``observe`` calls would.
+
+    prometheus_client keeps per-bucket values (``_buckets``) and the sum (``_sum``) on the
+    child; tests/test_metrics.py checks that this stays equal to calling ``observe``.
+    """
+    if not any(counts):
+        return
+    histogram._sum.inc(total)
+    for index, count in enumerate(counts):
+        if count:
+            histogram._buckets[index].inc(count)
+            counts[index] = 0
 
 
 class RelayMetrics:
@@ -127,17 +207,9 @@ class RelayMetrics:
             registry=r,
         )
 
-    def stream(self, model: str) -> StreamMeters:
-        return StreamMeters(
-            ttfb=self.ttfb.labels(model),
-            gap=self.gap.labels(model),
-            forward=self.forward.labels(model),
-            bytes_out=self.bytes.labels(model, "upstream_to_client"),
-            bytes_in=self.bytes.labels(model, "client_to_upstream"),
-            chunks=self.chunks.labels(model),
-            active=self.active.labels(model),
-            sse_events=self.sse_events.labels(model),
-        )
+    def stream(self, model: str, exchange: Exchange) -> StreamMeters:
+        """The meters of one stream: label children resolved once, here."""
+        return StreamMeters(self, model, exchange)
 
     def finish(self, exchange: Exchange, duration: float) -> None:
         """Record a finished request: called once per request, also on cancellation."""

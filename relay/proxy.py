@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from typing import IO
 
 import aiohttp
@@ -43,7 +44,7 @@ from relay.exchange import (
 from relay.forms import form_field
 from relay.ownership import SubmissionTap
 from relay.policy import Target
-from relay.pump import ChunkTap, Watchdog, drain, pump
+from relay.pump import ChunkTap, ClientSink, Watchdog, drain, pump
 from relay.routes import Route, is_valid_body_model
 from relay.sse import SseTap
 from relay.state import EXCHANGE, STATE, AppState
@@ -178,7 +179,7 @@ async def _stream(
     owner: str | None,
 ) -> web.StreamResponse:
     config = state.config
-    meters = state.metrics.stream(exchange.model)
+    meters = state.metrics.stream(exchange.model, exchange)
     watchdog = Watchdog(
         started=exchange.started,
         first_byte=config.first_byte_timeout,
@@ -215,12 +216,13 @@ async def _stream(
         tap: ChunkTap | None = None
         heartbeat = None
         if upstream.content_type == "text/event-stream":
-            tap = sse = SseTap(meters.sse_events.inc)
+            tap = meters.events = sse = SseTap()
             heartbeat = route.sse_heartbeat
         elif owner is not None and upstream.status == 200:
             tap = submission = SubmissionTap()
         await response.prepare(request)
-        await pump(upstream.content, response, exchange, meters, watchdog, tap, heartbeat, sse)
+        sink = ClientSink(request)
+        await pump(upstream.content, sink, exchange, meters, watchdog, tap, heartbeat, sse)
         exchange.outcome = COMPLETED
         if submission and owner and (task_id := submission.task_id()) is not None:
             await state.store.remember(task_id, owner, config.prediction_ttl)
@@ -258,6 +260,7 @@ async def _stream(
         return _abort(request, response)
     finally:
         watchdog.stop()
+        meters.flush(time.monotonic())
         if sse is not None:
             exchange.sse_events, exchange.terminal = sse.events, sse.terminal
             state.metrics.terminals.labels(exchange.model, sse.terminal).inc()

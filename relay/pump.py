@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import StreamReader, web
+from aiohttp import ClientConnectionResetError, StreamReader, web
 
 from relay.exchange import (
     IDLE_TIMEOUT,
@@ -90,9 +90,46 @@ class Watchdog:
             )
 
 
+class ClientSink:
+    """Writes body chunks straight to the client's transport: the backpressure, in one class.
+
+    After ``prepare()`` aiohttp's own ``write`` adds three Python layers per chunk (each
+    checking for compression and clipping the relay never uses). This sink frames a chunk
+    as aiohttp's writer would (HTTP/1.1 chunked, or raw under a Content-Length, which the
+    upstream's framing already bounds) and waits only while the transport is paused, which
+    is exactly when aiohttp's writer would wait. ``write_eof`` stays aiohttp's.
+    """
+
+    __slots__ = ("_chunked", "_protocol", "_transport", "_writer")
+
+    SMALL = 4096  # below this a chunk is framed into one buffer; above, written as three
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        transport, protocol = request.transport, request.protocol
+        if transport is None or protocol is None:
+            raise ClientConnectionResetError("the client went away")
+        self._transport = transport
+        self._protocol = protocol
+        self._writer = request.writer
+        self._chunked = getattr(request.writer, "chunked", False)
+
+    async def write(self, chunk: bytes) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            raise ClientConnectionResetError("the client went away")
+        if not self._chunked:
+            transport.write(chunk)
+        elif len(chunk) < self.SMALL:
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        if self._protocol.writing_paused:
+            await self._writer.drain()
+
+
 async def pump(
     source: StreamReader,
-    sink: web.StreamResponse,
+    sink: ClientSink,
     exchange: Exchange,
     meters: StreamMeters,
     watchdog: Watchdog,
@@ -107,32 +144,21 @@ async def pump(
     has been silent that long and the stream stands at an event boundary.
     Raises whatever the read or the write raises; the caller classifies it.
     """
-    write = sink.write
+    write, record = sink.write, meters.chunk
     read: Callable[[], Awaitable[bytes]] = source.readany
     if heartbeat is not None and events is not None:
         read = _with_heartbeat(source, sink, exchange, heartbeat, events)
-    observe_gap, observe_forward = meters.gap.observe, meters.forward.observe
-    inc_bytes, inc_chunks = meters.bytes_out.inc, meters.chunks.inc
-    previous = 0.0
-    while chunk := await read():
+    read_buffered = source.read_nowait
+    while chunk := read_buffered(-1) or await read():
         received = clock()
         await write(chunk)
         written = clock()
         watchdog.last = written  # idle time counts only while we wait on the upstream
         if tap is not None:
             tap(chunk)  # after the write: a passive look never delays the client
-        size = len(chunk)
-        exchange.bytes_out += size
+        exchange.bytes_out += len(chunk)
         exchange.chunks += 1
-        if exchange.first_byte_at is None:
-            exchange.first_byte_at = written
-            meters.ttfb.observe(written - exchange.started)
-        else:
-            observe_gap(received - previous)
-        previous = received
-        observe_forward(written - received)
-        inc_bytes(size)
-        inc_chunks()
+        record(received, written)
 
 
 HEARTBEAT = b": keep-alive\n\n"
@@ -140,7 +166,7 @@ HEARTBEAT = b": keep-alive\n\n"
 
 def _with_heartbeat(
     source: StreamReader,
-    sink: web.StreamResponse,
+    sink: ClientSink,
     exchange: Exchange,
     every: float,
     events: SseTap,

@@ -8,6 +8,7 @@ requests on kept-alive connections get 503 ``shutting_down``, open streams may f
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 from collections.abc import Callable, Coroutine
@@ -25,6 +26,7 @@ from relay.state import STATE
 logger = structlog.get_logger("relay.server")
 
 BACKLOG = 2048
+GC_THRESHOLDS = (20_000, 20, 20)
 # After the grace ran out and the streams were cut, how long their handlers may take to end.
 CUT_SETTLE_SECONDS = 5.0
 
@@ -76,6 +78,7 @@ async def serve(
         await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
         admin_url = url_of(admin_runner)
 
+    _tune_gc()
     logger.info(
         "relay_started" if admin else "worker_ready",
         url=public_url,
@@ -99,6 +102,20 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         logger.info("relay_stopped")
+
+
+def _tune_gc() -> None:
+    """Collect less often, and never rescan what start-up built.
+
+    The per-chunk path allocates objects that die young (futures, buffers), so with the
+    default first-generation threshold of 700 the collector runs hundreds of times a second
+    under load, and each older-generation pass walks every long-lived object (the app,
+    imported modules, every open stream). Freezing start-up objects and raising the
+    threshold cut that work and the tail latency it adds; cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def url_of(runner: web.AppRunner) -> str:

@@ -18,7 +18,6 @@ ended cleanly.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 NONE = "none"
 
@@ -48,10 +47,9 @@ def classify(event: bytes) -> str | None:
 class SseTap:
     """Called with every chunk of one event stream, after the chunk has been forwarded."""
 
-    __slots__ = ("_on_event", "_pending", "events", "terminal")
+    __slots__ = ("_pending", "events", "terminal")
 
-    def __init__(self, on_event: Callable[[], object]) -> None:
-        self._on_event = on_event
+    def __init__(self) -> None:
         self._pending = b""
         self.events = 0
         self.terminal = NONE
@@ -78,7 +76,6 @@ class SseTap:
         if not (event.startswith(b"data") or b"\ndata" in event):
             return  # comments and field-only blocks dispatch no event
         self.events += 1
-        self._on_event()
         kind = classify(event)
         if kind is not None:
             self.terminal = kind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import aiohttp
 import pytest
@@ -177,17 +178,21 @@ async def test_cancelled_before_headers_is_still_recorded(
 
 def test_every_spec_family_is_exported_with_its_labels() -> None:
     """The registry exposes each SPEC metric with exactly the SPEC's labels and type."""
+    from relay.exchange import Exchange
     from relay.metrics import RelayMetrics
+    from relay.sse import SseTap
 
     metrics = RelayMetrics()
-    model = metrics.stream(MODEL)
-    for child in (model.ttfb, model.gap, model.forward):
-        child.observe(0.01)
-    model.bytes_in.inc()
-    model.bytes_out.inc()
-    model.chunks.inc()
-    model.active.inc()
-    model.sse_events.inc()
+    exchange = Exchange(request_id="r", client="c", started=0.0)
+    meters = metrics.stream(MODEL, exchange)
+    meters.events = SseTap()
+    meters.events(b"data: x\n\n")
+    exchange.bytes_out, exchange.chunks = 9, 1
+    meters.chunk(0.5, 0.6)
+    meters.chunk(0.7, 0.8)
+    meters.flush(1.0)
+    meters.bytes_in.inc()
+    meters.active.inc()
     metrics.requests.labels("stream", MODEL, "200").inc()
     metrics.rejections.labels("bad_request").inc()
     metrics.duration.labels(MODEL, "completed").observe(1)
@@ -231,3 +236,55 @@ async def test_metrics_endpoint_on_a_shared_listener(
     )
     assert (await relay.client.get("/healthz")).status == 200
     assert (await relay.client.get("/readyz")).status == 200
+
+
+def test_batched_stream_meters_equal_direct_observations() -> None:
+    """Binning per stream and flushing gives the same histograms as one observe per chunk."""
+    import random
+
+    from relay.exchange import Exchange
+    from relay.metrics import RelayMetrics
+
+    rng = random.Random(7)
+    times, now = [], 100.0
+    for _ in range(500):
+        now += rng.choice([0.0, 0.00004, 0.0003, 0.002, 0.04, 0.7, 3.0, 200.0])
+        times.append((now, now + rng.choice([0.0, 0.00005, 0.0002, 0.004, 0.3, 9.0])))
+
+    batched = RelayMetrics()
+    exchange = Exchange(request_id="r", client="c", started=99.0)
+    meters = batched.stream(MODEL, exchange)
+    for received, written in times:
+        exchange.bytes_out += 10
+        exchange.chunks += 1
+        meters.chunk(received, written)
+    meters.flush(now)
+
+    direct = RelayMetrics()
+    direct.ttfb.labels(MODEL).observe(times[0][1] - 99.0)
+    for (previous, _), (received, _) in itertools.pairwise(times):
+        direct.gap.labels(MODEL).observe(received - previous)
+    for received, written in times:
+        direct.forward.labels(MODEL).observe(written - received)
+    direct.bytes.labels(MODEL, "upstream_to_client").inc(5000)
+    direct.bytes.labels(MODEL, "client_to_upstream")  # resolved with the stream, still zero
+    direct.chunks.labels(MODEL).inc(500)
+
+    def samples(metrics: RelayMetrics) -> dict:
+        text = generate_latest(metrics.registry).decode()
+        wanted = (
+            "relay_chunk_gap",
+            "relay_chunk_forward",
+            "relay_time_to_first",
+            "relay_bytes",
+            "relay_chunks",
+        )
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): round(s.value, 6)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith(wanted) and not s.name.endswith("_created")
+        }
+
+    assert samples(batched) == samples(direct)
+    assert exchange.first_byte_at == times[0][1]
