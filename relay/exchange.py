@@ -30,7 +30,7 @@ class Exchange:
     client: str
     started: float
     route: str = "-"
-    model: str = NO_MODEL  # only an allowlisted id or "-": safe as a metric label
+    model: str = NO_MODEL  # an allowlisted id or family/* pattern, or "-": a bounded label
     requested_model: str | None = None  # what the client asked for (logs only)
     status: int = 0
     outcome: str = REJECTED

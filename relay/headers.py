@@ -13,8 +13,8 @@ passes unchanged because the body passes unchanged.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -104,4 +104,4 @@ def request_id_from(values: Iterable[str]) -> str:
         if _REQUEST_ID.fullmatch(value):
             return value
         break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID

@@ -11,8 +11,8 @@ tasks it keeps and awaits them on close.
 
 from __future__ import annotations
 
+import itertools
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
@@ -63,6 +63,7 @@ class MemoryStore:
         self._tat: dict[str, float] = {}
         self._slots: dict[str, set[str]] = {}
         self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._leases = itertools.count()
 
     async def hit(self, key: str, interval: float, capacity: int) -> float:
         now = self._clock()
@@ -77,7 +78,7 @@ class MemoryStore:
         held = self._slots.setdefault(key, set())
         if len(held) >= limit:
             return None
-        lease = uuid.uuid4().hex
+        lease = str(next(self._leases))  # unique within this store, which is all it needs
         held.add(lease)
         return lease
 

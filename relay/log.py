@@ -46,6 +46,35 @@ class Redactor:
         return {k: self._value(v) for k, v in event_dict.items()}
 
 
+class _Output:
+    """Where records go. Loggers cached on first use keep this object, and ``configure``
+    retargets it, so a later configuration (tests make several) is honoured."""
+
+    def __init__(self) -> None:
+        self.file: TextIO = sys.stdout
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+_OUTPUT = _Output()
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """A WriteLogger that knows its name, for the ``logger`` field."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(_OUTPUT)  # type: ignore[arg-type]  # a file in all that is used
+        self.name = name
+
+
+def _logger_factory(*args: Any) -> _NamedWriteLogger:
+    return _NamedWriteLogger(str(args[0]) if args else "relay")
+
+
 def configure(
     level: str = "info",
     fmt: str = "json",
@@ -54,6 +83,7 @@ def configure(
 ) -> None:
     """Route structlog and the standard library through one pipeline to ``stream`` (stdout)."""
     stream = sys.stdout if stream is None else stream
+    _OUTPUT.file = stream
     redactor = Redactor(secrets)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -68,14 +98,12 @@ def configure(
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    # The relay's own records are rendered and written directly: the standard library's
+    # records, handlers and locks would cost more than the rest of a request's bookkeeping.
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, renderer],
+        logger_factory=_logger_factory,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)

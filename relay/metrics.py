@@ -63,15 +63,11 @@ class StreamMeters:
         "ttfb",
     )  # fmt: skip
 
-    def __init__(self, metrics: RelayMetrics, model: str, exchange: Exchange) -> None:
-        self.ttfb = metrics.ttfb.labels(model)
-        self.active = metrics.active.labels(model)
-        self.bytes_in = metrics.bytes.labels(model, "client_to_upstream")
-        self._gap = metrics.gap.labels(model)
-        self._forward = metrics.forward.labels(model)
-        self._bytes_out = metrics.bytes.labels(model, "upstream_to_client")
-        self._chunks = metrics.chunks.labels(model)
-        self._sse_events = metrics.sse_events.labels(model)
+    def __init__(self, children: tuple[Any, ...], exchange: Exchange) -> None:
+        (
+            self.ttfb, self.active, self.bytes_in, self._gap, self._forward,
+            self._bytes_out, self._chunks, self._sse_events,
+        ) = children  # fmt: skip
         self._exchange = exchange
         self.events: SseTap | None = None  # an event stream's tap, whose count is flushed
         self._gap_counts = [0] * len(_GAP_BOUNDS)
@@ -136,6 +132,7 @@ class RelayMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._children: dict[str, tuple[Any, ...]] = {}
         r = self.registry
         self.requests = Counter(
             "relay_requests",
@@ -208,8 +205,20 @@ class RelayMetrics:
         )
 
     def stream(self, model: str, exchange: Exchange) -> StreamMeters:
-        """The meters of one stream: label children resolved once, here."""
-        return StreamMeters(self, model, exchange)
+        """The meters of one stream, with the model's label children resolved once."""
+        children = self._children.get(model)
+        if children is None:  # models are allowlist labels: this stays small
+            children = self._children[model] = (
+                self.ttfb.labels(model),
+                self.active.labels(model),
+                self.bytes.labels(model, "client_to_upstream"),
+                self.gap.labels(model),
+                self.forward.labels(model),
+                self.bytes.labels(model, "upstream_to_client"),
+                self.chunks.labels(model),
+                self.sse_events.labels(model),
+            )
+        return StreamMeters(children, exchange)
 
     def finish(self, exchange: Exchange, duration: float) -> None:
         """Record a finished request: called once per request, also on cancellation."""

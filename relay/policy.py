@@ -122,3 +122,12 @@ class Allowlist:
 
     def allows(self, model: str) -> bool:
         return model in self._exact or model.startswith(self._prefixes)
+
+    def label(self, model: str) -> str:
+        """The metric label of an allowed model: its id, or the ``family/*`` it matched.
+
+        Labelling a family match by its pattern keeps label sets as small as the allowlist.
+        """
+        if model in self._exact:
+            return model
+        return next(prefix + "*" for prefix in self._prefixes if model.startswith(prefix))

@@ -76,9 +76,10 @@ async def relay(request: web.Request) -> web.StreamResponse:
         body, size, model = await _read_body(request, route, target, state.config.max_body_bytes)
         if model != policy.POLLING_MODEL:
             exchange.requested_model = model
-            if not (state.router.allowlists[route.name].allows(model) and principal.may_use(model)):
+            allowlist = state.router.allowlists[route.name]
+            if not (allowlist.allows(model) and principal.may_use(model)):
                 raise ModelNotAllowed(f"model {model!r} is not allowed by this relay")
-        exchange.model = model
+            exchange.model = allowlist.label(model)
         if target.task_id is not None and await state.store.owner(target.task_id) != principal.id:
             raise NotFound("no prediction with this id was submitted by this client")
         exchange.bytes_in = size

@@ -288,3 +288,15 @@ def test_batched_stream_meters_equal_direct_observations() -> None:
 
     assert samples(batched) == samples(direct)
     assert exchange.first_byte_at == times[0][1]
+
+
+async def test_family_matches_are_labelled_by_their_pattern(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """Ids admitted by `acme/*` share the label `acme/*`: label sets stay as small as the allowlist."""
+    upstream.respond(200, b"{}")
+    for model in ("acme/one", "acme/two/deep"):
+        await read_all(await relay.client.post(f"/api/v3/{model}/stream", data=b"{}"))
+    await _settled(relay)
+    assert relay.metric("relay_streams_total", model="acme/*", outcome="completed") == 2
+    assert relay.metric("relay_streams_total", model="acme/one", outcome="completed") == 0
