@@ -100,3 +100,25 @@ async def test_a_crashed_worker_is_restarted(upstream: FakeUpstream) -> None:
         relay.proc.send_signal(signal.SIGTERM)
         assert await relay.finish() == 0
     assert '"worker_died"' in relay.output
+
+
+async def test_sigterm_lets_a_workers_stream_finish(upstream: FakeUpstream) -> None:
+    """SIGTERM to the supervisor: /readyz 503, the open stream completes, exit 0."""
+    feed = upstream.stream()
+    async with relay_process(upstream.url, "--workers", "2") as relay:
+        await _worker_pids(relay, 2)
+        async with aiohttp.ClientSession() as session:
+            response = await step(session.post(relay.url + STREAM, data=b"{}"))
+            feed.send(b"data: 1\n\n")
+            await step(response.content.readexactly(9))
+            relay.proc.send_signal(signal.SIGTERM)
+            record = await relay.record()
+            while (record.get("event"), record.get("logger")) != ("draining", "relay.workers"):
+                record = await relay.record()
+            async with session.get(relay.admin_url + "/readyz") as ready:
+                assert ready.status == 503
+            feed.send(b"data: 2\n\n")
+            feed.end()
+            assert await read_all(response) == b"data: 2\n\n"
+        assert await relay.finish() == 0
+    assert '"outcome": "completed"' in relay.output
