@@ -12,7 +12,8 @@ from aiohttp import web
 
 from relay import __version__, log, server, workers
 from relay.access import mint_token
-from relay.config import MIN_TOKEN_SECRET_BYTES, ConfigError, load_config
+from relay.config import ConfigError, load_config
+from relay.credentials import MIN_TOKEN_SECRET_BYTES
 from relay.mock_upstream import create_mock_app
 
 _OVERRIDES = (

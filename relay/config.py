@@ -20,6 +20,7 @@ from typing import Any
 from yarl import URL
 
 from relay import policy
+from relay.credentials import SECRET_SOURCES, load_credentials
 from relay.routes import Route, parse_routes, upstream_url
 
 DEFAULT_MODELS = (
@@ -287,15 +288,6 @@ SETTINGS = (
     _Setting("allow_anonymous", "RELAY_ALLOW_ANONYMOUS", _bool),
     _Setting("prediction_ttl", "RELAY_PREDICTION_TTL", _seconds),
 )
-_BY_NAME = {s.name: s for s in SETTINGS}
-_SECRET_SOURCES = (
-    "WAVESPEED_API_KEY",
-    "WAVESPEED_API_KEY_FILE",
-    "RELAY_TOKEN_SECRET",
-    "RELAY_TOKEN_SECRET_FILE",
-    "RELAY_CLIENT_KEYS_FILE",
-)
-MIN_TOKEN_SECRET_BYTES = 32
 
 
 def load_config(
@@ -330,25 +322,15 @@ def load_config(
     if "admin_host" not in values and "host" in values:
         values["admin_host"] = values["host"]
 
-    key = _load_key(environ, file_values, problems, require_key=require_key)
-    if key:
-        values["api_key"] = key
-    modes = values.get("client_auth", frozenset())
-    secret = _secret(environ, file_values, "RELAY_TOKEN_SECRET", problems)
-    if "token" in modes:
-        if len(secret.encode()) < MIN_TOKEN_SECRET_BYTES:
-            problems.append(
-                "RELAY_TOKEN_SECRET: RELAY_CLIENT_AUTH includes token, so a secret of at least "
-                f"{MIN_TOKEN_SECRET_BYTES} bytes is required (or RELAY_TOKEN_SECRET_FILE)"
-            )
-        values["token_secret"] = secret
-    elif secret:
-        values["token_secret"] = secret  # `relay token` mints with it
-    keys_file = _setting_value(environ, file_values, "RELAY_CLIENT_KEYS_FILE")
-    if "key" in modes and not keys_file:
-        problems.append("RELAY_CLIENT_KEYS_FILE: required when RELAY_CLIENT_AUTH includes key")
-    if keys_file:
-        values["client_keys"] = _client_keys(Path(keys_file), problems)
+    values.update(
+        load_credentials(
+            environ,
+            file_values,
+            values.get("client_auth", frozenset()),
+            problems,
+            require_key=require_key,
+        )
+    )
 
     if "routes" in file_values:
         values["routes"] = parse_routes(file_values["routes"], environ, problems)
@@ -384,95 +366,12 @@ def _read_file(path: Path, problems: list[str]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"RELAY_CONFIG: {str(path)!r} is not valid TOML: {exc}")
         return {}
-    known = {s.file_key for s in SETTINGS} | {k.lower() for k in _SECRET_SOURCES}
-    known |= {k.removeprefix("RELAY_").lower() for k in _SECRET_SOURCES} | {"routes"}
+    known = {s.file_key for s in SETTINGS} | {k.lower() for k in SECRET_SOURCES}
+    known |= {k.removeprefix("RELAY_").lower() for k in SECRET_SOURCES} | {"routes"}
     problems.extend(
         f"{key} (config file): unknown setting" for key in sorted(data) if key not in known
     )
     return data
-
-
-def _setting_value(environ: Mapping[str, str], file_values: Mapping[str, Any], env: str) -> str:
-    for value in (
-        environ.get(env),
-        file_values.get(env.lower()),
-        file_values.get(env.removeprefix("RELAY_").lower()),
-    ):
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return ""
-
-
-def _secret(
-    environ: Mapping[str, str], file_values: Mapping[str, Any], env: str, problems: list[str]
-) -> str:
-    """A secret given directly or as ``<env>_FILE``; its value never enters a message."""
-    direct = _setting_value(environ, file_values, env)
-    path = _setting_value(environ, file_values, f"{env}_FILE")
-    if direct and path:
-        problems.append(f"{env}_FILE: set only one of {env} and {env}_FILE")
-        return ""
-    if not path:
-        return direct
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        problems.append(f"{env}_FILE: cannot read {path!r}: {exc.strerror}")
-        return ""
-
-
-def _client_keys(path: Path, problems: list[str]) -> tuple[tuple[str, str], ...]:
-    """Lines of ``<sha256-hex> <name>``; blank lines and ``#`` comments are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        problems.append(f"RELAY_CLIENT_KEYS_FILE: cannot read {str(path)!r}: {exc.strerror}")
-        return ()
-    keys = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        digest, _, name = line.partition(" ")
-        digest, name = digest.lower(), name.strip()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
-            problems.append(f"RELAY_CLIENT_KEYS_FILE: line {number} is not '<sha256-hex> <name>'")
-            continue
-        keys.append((name, digest))
-    if not keys and not problems:
-        problems.append(f"RELAY_CLIENT_KEYS_FILE: {str(path)!r} holds no keys")
-    return tuple(keys)
-
-
-def _load_key(
-    environ: Mapping[str, str],
-    file_values: Mapping[str, Any],
-    problems: list[str],
-    *,
-    require_key: bool,
-) -> str:
-    def get(name: str) -> str:
-        value = environ.get(name, file_values.get(name.lower(), ""))
-        return value.strip() if isinstance(value, str) else ""
-
-    key, key_file = get("WAVESPEED_API_KEY"), get("WAVESPEED_API_KEY_FILE")
-    if key and key_file:
-        problems.append("WAVESPEED_API_KEY_FILE: set only one of WAVESPEED_API_KEY and it")
-        return ""
-    if key_file:
-        try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            problems.append(f"WAVESPEED_API_KEY_FILE: cannot read {key_file!r}: {exc.strerror}")
-            return ""
-        if not key:
-            problems.append(f"WAVESPEED_API_KEY_FILE: {key_file!r} is empty")
-    elif require_key and not key:
-        problems.append("WAVESPEED_API_KEY: required (or WAVESPEED_API_KEY_FILE)")
-    if (key and any(c in key for c in "\r\n\0")) or (key and not key.isprintable()):
-        problems.append("WAVESPEED_API_KEY: contains control characters")
-        return ""
-    return key
 
 
 def _cross_checks(config: Config) -> list[str]:
@@ -508,8 +407,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def setting_for(name: str) -> str:
-    """The environment variable behind a :class:`Config` field, for messages."""
-    return _BY_NAME[name].env
