@@ -167,22 +167,26 @@ def _translate(exc: web.HTTPException) -> RelayError:
 
 
 def _log_finished(exchange: Exchange, duration: float) -> None:
+    """The canonical record: every SPEC field always; the others only where they apply."""
     ttfb = exchange.first_byte_at
+    optional = {
+        "error": exchange.error or exchange.detail,
+        "events": exchange.sse_events,
+        "terminal": exchange.terminal,
+        "drained_bytes": exchange.drained_bytes,
+        "heartbeats": exchange.heartbeats or None,
+    }
     logger.info(
         "request_finished",
         route=exchange.route,
         model=exchange.requested_model or exchange.model,
         status=exchange.status,
         outcome=exchange.outcome,
-        error=exchange.error or exchange.detail,
         bytes_in=exchange.bytes_in,
         bytes_out=exchange.bytes_out,
         chunks=exchange.chunks,
-        events=exchange.sse_events,
-        terminal=exchange.terminal,
-        drained_bytes=exchange.drained_bytes,
-        heartbeats=exchange.heartbeats or None,
         ttfb_ms=None if ttfb is None else round((ttfb - exchange.started) * 1000, 3),
         duration_ms=round(duration * 1000, 3),
         client=exchange.client,
+        **{name: value for name, value in optional.items() if value is not None},
     )
