@@ -135,13 +135,13 @@ class RelayMetrics:
         self._children: dict[str, tuple[Any, ...]] = {}
         r = self.registry
         self.requests = Counter(
-            "relay_requests",
+            "relay_requests_total",
             "Requests handled, by route, model and status code.",
             ["route", "model", "code"],
             registry=r,
         )
         self.rejections = Counter(
-            "relay_rejections",
+            "relay_rejections_total",
             "Requests the relay answered itself, by data.error.",
             ["reason"],
             registry=r,
@@ -176,13 +176,13 @@ class RelayMetrics:
             registry=r,
         )
         self.bytes = Counter(
-            "relay_bytes",
+            "relay_bytes_total",
             "Body bytes relayed, by direction.",
             ["model", "direction"],
             registry=r,
         )
         self.chunks = Counter(
-            "relay_chunks", "Upstream chunks relayed to the client.", ["model"], registry=r
+            "relay_chunks_total", "Upstream chunks relayed to the client.", ["model"], registry=r
         )
         self.duration = Histogram(
             "relay_stream_duration_seconds",
@@ -192,13 +192,13 @@ class RelayMetrics:
             registry=r,
         )
         self.streams = Counter(
-            "relay_streams", "Streams ended, by outcome.", ["model", "outcome"], registry=r
+            "relay_streams_total", "Streams ended, by outcome.", ["model", "outcome"], registry=r
         )
         self.sse_events = Counter(
-            "relay_sse_events", "Server-sent events relayed.", ["model"], registry=r
+            "relay_sse_events_total", "Server-sent events relayed.", ["model"], registry=r
         )
         self.terminals = Counter(
-            "relay_stream_terminals",
+            "relay_stream_terminals_total",
             "How event streams ended: the last terminal event seen, or none.",
             ["model", "terminal"],
             registry=r,

@@ -211,6 +211,17 @@ async def raw_request(url: str, data: bytes) -> bytes:
             await writer.wait_closed()
 
 
+async def give_up_before_headers(relay: Relay, upstream: FakeUpstream, path: str) -> None:
+    """A client that sends a request, then leaves while the upstream has not answered."""
+    upstream.hang()
+    request = asyncio.ensure_future(relay.client.post(path, data=b"{}"))
+    await step(upstream.contacted.wait())
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    await step(upstream.disconnected.wait())
+
+
 def require_program(name: str) -> str:
     """The path of an external program; skip without it locally, fail without it in CI."""
     path = shutil.which(name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 
@@ -14,7 +13,16 @@ from relay.access import client_address, mint_token
 from relay.config import ConfigError, load_config
 from relay.limits import MemoryStore, gcra
 from relay.state import STATE
-from tests.conftest import FAKE_KEY, STEP, FakeUpstream, Relay, RelayFactory, read_all, step
+from tests.conftest import (
+    FAKE_KEY,
+    STEP,
+    FakeUpstream,
+    Relay,
+    RelayFactory,
+    give_up_before_headers,
+    read_all,
+    step,
+)
 
 SECRET = "s3cret-for-tests-only-" + "0123456789abcdef" * 3  # long enough for HS512 too
 STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
@@ -396,11 +404,7 @@ async def test_slot_is_released_when_the_client_leaves_before_headers(
 ) -> None:
     """A client that gives up while the upstream is silent frees its slot."""
     relay = await make_relay(max_streams_per_client=1)
-    upstream.hang()
-    request = asyncio.ensure_future(relay.client.post(STREAM, data=b"{}"))
-    await step(upstream.contacted.wait())
-    request.cancel()
-    await step(upstream.disconnected.wait())
+    await give_up_before_headers(relay, upstream, STREAM)
     assert await relay.app[STATE].wait_streams_closed(STEP)
     upstream.respond(200, b"{}")
     assert (await relay.client.post(STREAM, data=b"{}")).status == 200

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import aiohttp
@@ -12,7 +11,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.metrics import TTFB_BUCKETS
 from relay.state import STATE
-from tests.conftest import STEP, FakeUpstream, Relay, RelayFactory, read_all, step
+from tests.conftest import (
+    STEP,
+    FakeUpstream,
+    Relay,
+    RelayFactory,
+    give_up_before_headers,
+    read_all,
+    step,
+)
 
 STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
 MODEL = "wavespeed-ai/any-llm"
@@ -166,11 +173,7 @@ async def test_cancelled_before_headers_is_still_recorded(
     upstream: FakeUpstream, relay: Relay
 ) -> None:
     """A request whose client gives up before the upstream answers is counted (code 499)."""
-    upstream.hang()
-    request = asyncio.ensure_future(relay.client.post(STREAM, data=b"{}"))
-    await step(upstream.contacted.wait())
-    request.cancel()
-    await step(upstream.disconnected.wait())
+    await give_up_before_headers(relay, upstream, STREAM)
     await _settled(relay)
     assert _stream_count(relay, "client_closed") == 1
     assert relay.metric("relay_requests_total", route="stream", model=MODEL, code="499") == 1

@@ -11,7 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SSE, STEP, FakeUpstream, Relay, RelayFactory, read_all, step
+from tests.conftest import (
+    SSE,
+    STEP,
+    FakeUpstream,
+    Relay,
+    RelayFactory,
+    give_up_before_headers,
+    read_all,
+    step,
+)
 
 STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
 SPEECH = "/api/v3/minimax/speech-02-hd/stream"
@@ -183,13 +192,7 @@ async def test_client_leaving_before_headers_closes_the_upstream(
     upstream: FakeUpstream, relay: Relay
 ) -> None:
     """A client that gives up while the upstream has not answered yet disconnects it."""
-    upstream.hang()
-    request = asyncio.ensure_future(relay.client.post(STREAM, data=b"{}"))
-    await step(upstream.contacted.wait())
-    request.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await request
-    await step(upstream.disconnected.wait())
+    await give_up_before_headers(relay, upstream, STREAM)
 
 
 @pytest.mark.parametrize("content_type", [SSE, "audio/wav"])
