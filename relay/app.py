@@ -26,7 +26,6 @@ from relay.exchange import REJECTED, Exchange
 from relay.gate import Gate
 from relay.limits import MemoryStore, Store
 from relay.metrics import RelayMetrics
-from relay.policy import Allowlist
 from relay.redis_store import RedisStore
 from relay.routes import Route, Router
 from relay.state import EXCHANGE, STATE, AppState
@@ -43,7 +42,6 @@ def create_app(
     config: Config,
     *,
     registry: CollectorRegistry | None = None,
-    clock: Callable[[], float] = time.monotonic,
     pages: Iterable[web.AbstractRouteDef] = (),
     store: Store | None = None,
 ) -> web.Application:
@@ -60,15 +58,12 @@ def create_app(
     state = AppState(
         config=config,
         metrics=RelayMetrics(registry),
-        allowlist=Allowlist(config.allowed_models),
-        upstream_base=config.upstream_url,
         store=store,
         gate=Gate(config, store),
         router=Router(wavespeed_route(config), config.routes),
-        auth_value=f"Bearer {config.api_key}",
     )
     app = web.Application(
-        middlewares=[_bookkeeping(state, clock)],
+        middlewares=[_bookkeeping(state)],
         # The largest any route accepts; each route's own limit is enforced as it reads.
         client_max_size=max([config.max_body_bytes, *(r.max_upload_bytes for r in config.routes)]),
         handler_args={"max_field_size": 16384},
@@ -113,7 +108,7 @@ async def _limit_store(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
-def _bookkeeping(state: AppState, clock: Callable[[], float]) -> Any:
+def _bookkeeping(state: AppState) -> Any:
     metrics = state.metrics
 
     @web.middleware
@@ -121,7 +116,8 @@ def _bookkeeping(state: AppState, clock: Callable[[], float]) -> Any:
         if request.match_info.route.name != RELAYED:  # health, metrics, pages
             return await handler(request)
         request_id = headers.request_id_from(request.headers.getall("X-Request-ID", ()))
-        exchange = Exchange(request_id=request_id, client=request.remote or "-", started=clock())
+        started = time.monotonic()  # the one clock every stream figure is taken on
+        exchange = Exchange(request_id=request_id, client=request.remote or "-", started=started)
         request[EXCHANGE] = exchange
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
@@ -134,7 +130,7 @@ def _bookkeeping(state: AppState, clock: Callable[[], float]) -> Any:
             except web.HTTPException as exc:  # aiohttp's own refusals, in our envelope
                 return _render(exchange, _translate(exc))
             finally:
-                duration = clock() - exchange.started
+                duration = time.monotonic() - exchange.started
                 if exchange.status == 0:
                     exchange.status = CLIENT_LEFT
                 metrics.finish(exchange, duration)

@@ -38,6 +38,8 @@ class Watchdog:
     duration holds throughout, and :meth:`expire` cuts at once (used for shutdown).
     """
 
+    # Times are time.monotonic() seconds; loop.time() reads the same monotonic clock on
+    # asyncio's loop and on uvloop (at millisecond resolution), so the two compare directly.
     __slots__ = ("_deadline", "_handle", "_idle", "_loop", "_task", "expired", "last")
 
     def __init__(

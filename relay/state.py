@@ -14,7 +14,6 @@ from relay.exchange import Exchange
 from relay.gate import Gate
 from relay.limits import Store
 from relay.metrics import RelayMetrics
-from relay.policy import Allowlist
 from relay.routes import Router
 
 if TYPE_CHECKING:
@@ -27,12 +26,9 @@ class AppState:
 
     config: Config
     metrics: RelayMetrics
-    allowlist: Allowlist
-    upstream_base: str
     store: Store
     gate: Gate
     router: Router
-    auth_value: str = field(repr=False)
     session: aiohttp.ClientSession | None = None
     streams: set[Watchdog] = field(default_factory=set)
     draining: bool = False
