@@ -16,7 +16,7 @@ from redis import RedisError
 from relay import cors
 from relay.access import Authenticator, Principal, check_origin
 from relay.config import Config
-from relay.errors import Overloaded, RateLimited
+from relay.errors import NotFound, Overloaded, RateLimited
 from relay.limits import Store
 from relay.policy import Target
 
@@ -68,3 +68,21 @@ class Gate:
         if lease is None:
             raise RateLimited(f"at most {limit} concurrent streams per client", retry_after=1)
         return lease
+
+    async def check_owner(self, principal: Principal, task_id: str) -> None:
+        """Only the client that submitted a task may poll it; anyone else gets 404."""
+        try:
+            owner = await self._store.owner(task_id)
+        except RedisError as exc:
+            logger.error("limit_state_unavailable", error=type(exc).__name__)
+            raise Overloaded("ownership state unavailable", retry_after=1) from None
+        if owner != principal.id:
+            raise NotFound("no prediction with this id was submitted by this client")
+
+    async def record_owner(self, principal: Principal, task_id: str, ttl: float) -> None:
+        """Remember a submission's owner. A failure is logged, never turned against the
+        submission itself, which has already been answered."""
+        try:
+            await self._store.remember(task_id, principal.id, ttl)
+        except RedisError as exc:
+            logger.error("ownership_not_recorded", task_id=task_id, error=type(exc).__name__)

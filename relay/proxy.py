@@ -23,10 +23,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from relay import cors, headers, policy
+from relay.access import Principal
 from relay.errors import (
     BadRequest,
     ModelNotAllowed,
-    NotFound,
     PayloadTooLarge,
     RelayError,
     ShuttingDown,
@@ -80,8 +80,8 @@ async def relay(request: web.Request) -> web.StreamResponse:
             if not (allowlist.allows(model) and principal.may_use(model)):
                 raise ModelNotAllowed(f"model {model!r} is not allowed by this relay")
             exchange.model = allowlist.label(model)
-        if target.task_id is not None and await state.store.owner(target.task_id) != principal.id:
-            raise NotFound("no prediction with this id was submitted by this client")
+        if target.task_id is not None:
+            await state.gate.check_owner(principal, target.task_id)
         exchange.bytes_in = size
         url = URL(route.upstream + target.path + _query(target.query), encoded=True)
         upstream_headers = headers.upstream_request_headers(
@@ -92,7 +92,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         )
         if not isinstance(body, bytes):
             upstream_headers["Content-Length"] = str(size)
-        owner = principal.id if target.route == "submit" else None
+        owner = principal if target.route == "submit" else None
         return await _stream(request, state, route, exchange, url, upstream_headers, body, owner)
     finally:
         if lease is not None:
@@ -177,7 +177,7 @@ async def _stream(
     url: URL,
     upstream_headers: CIMultiDict[str],
     body: Body,
-    owner: str | None,
+    owner: Principal | None,
 ) -> web.StreamResponse:
     config = state.config
     meters = state.metrics.stream(exchange.model, exchange)
@@ -226,7 +226,7 @@ async def _stream(
         await pump(upstream.content, sink, exchange, meters, watchdog, tap, heartbeat, sse)
         exchange.outcome = COMPLETED
         if submission and owner and (task_id := submission.task_id()) is not None:
-            await state.store.remember(task_id, owner, config.prediction_ttl)
+            await state.gate.record_owner(owner, task_id, config.prediction_ttl)
         return response
     except asyncio.CancelledError:
         outcome = watchdog.claim()

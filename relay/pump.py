@@ -1,9 +1,9 @@
 """The only place bytes move from the upstream to the client.
 
-One loop, one ``await`` for the read and one for the write per chunk: no queue, no
-accumulation, nothing read ahead. The awaited write is the backpressure: while the client
-does not read, the write does not return, so the upstream is not read either, and aiohttp's
-client reader pauses the upstream socket once its own small buffer is full.
+One loop: read what the upstream has delivered, write it, then read again. No queue, no
+accumulation, nothing read ahead. The write is the backpressure: once the client's transport
+is full, :class:`ClientSink` waits until it drains, so the upstream is not read either, and
+aiohttp's client reader pauses the upstream socket once its own small buffer is full.
 
 :class:`Watchdog` enforces the relay's deadlines (first byte, idle gap, maximum duration,
 and the shutdown cut) with one timer per period rather than one per chunk: the pump only

@@ -418,3 +418,33 @@ async def test_preflights_are_recorded_with_their_status(
         STREAM, headers={"Origin": APP, "Access-Control-Request-Method": "POST"}
     )
     assert guarded.metric("relay_requests_total", route="preflight", model="-", code="204") == 1
+
+
+class _FailingOwnership(MemoryStore):
+    """Limits work; the ownership records fail as an unreachable Redis would."""
+
+    async def remember(self, task_id: str, owner: str, ttl: float) -> None:
+        from redis import ConnectionError as RedisConnectionError
+
+        raise RedisConnectionError("down")
+
+    async def owner(self, task_id: str) -> str | None:
+        from redis import ConnectionError as RedisConnectionError
+
+        raise RedisConnectionError("down")
+
+
+async def test_ownership_state_failures_never_cut_a_submission(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """An answered submission stays intact when its owner cannot be recorded; polling is 503."""
+    relay = await make_relay(store=_FailingOwnership())
+    envelope = b'{"code":200,"message":"success","data":{"id":"task-x","status":"created"}}'
+    upstream.respond(200, envelope, {"Content-Type": "application/json"})
+    submitted = await step(relay.client.post("/api/v3/acme/model", data=b"{}"))
+    assert submitted.status == 200
+    assert await read_all(submitted) == envelope
+    polled = await relay.client.get("/api/v3/predictions/task-x")
+    assert polled.status == 503
+    assert (await polled.json())["data"]["error"] == "overloaded"
+    assert len(upstream.seen) == 1
