@@ -16,7 +16,7 @@
     ├── ShuttingDown             503 shutting_down       (Retry-After)
     └── UpstreamTimeout          504 upstream_timeout
 
-    StreamCut                    (after headers: never rendered, the client connection is aborted)
+After headers a failure is never rendered: the handler aborts the client connection.
 
 This module imports nothing from aiohttp: the renderer lives in ``relay.app`` and the one
 translator of client exceptions in ``relay.upstream``.
@@ -102,11 +102,3 @@ class ShuttingDown(RelayError):
 
 class UpstreamTimeout(RelayError):
     status, code = 504, "upstream_timeout"
-
-
-class StreamCut(Exception):
-    """A stream ended abnormally after its headers were sent; ``outcome`` says how."""
-
-    def __init__(self, outcome: str) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
 
+from relay.state import STATE
 from tests.conftest import FAKE_KEY, FakeUpstream, Relay, RelayFactory, read_all, step
 
 STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
@@ -136,3 +138,30 @@ async def test_polling_is_relayed_without_a_model(upstream: FakeUpstream, relay:
     await read_all(response)
     assert upstream.seen[1].method == "GET"
     assert upstream.seen[1].path_qs == "/api/v3/predictions/task-1/result?v=2"
+
+
+async def test_client_leaving_mid_upload_never_reaches_the_upstream(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A client that sends part of its body and leaves is recorded as 499; no upstream contact."""
+    metrics, finished = relay.app[STATE].metrics, asyncio.Event()
+    record = metrics.finish
+
+    def finish(exchange, duration) -> None:  # the request's bookkeeping, observed
+        record(exchange, duration)
+        finished.set()
+
+    metrics.finish = finish  # type: ignore[method-assign]
+    host, port = relay.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/v3/wavespeed-ai/any-llm/stream HTTP/1.1\r\nHost: r\r\n"
+        b"Content-Length: 1000\r\n\r\n" + b"{" * 10
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await step(finished.wait())
+    assert relay.metric("relay_requests_total", route="stream", model="-", code="499") == 1
+    assert not upstream.seen
+    assert not relay.app[STATE].streams

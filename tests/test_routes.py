@@ -470,3 +470,19 @@ async def test_drain_survives_a_failed_write(
     assert await relay.app[STATE].wait_streams_closed(STEP)
     assert upstream.written == 400 * 65536
     assert relay.metric("relay_streams_total", model="-", outcome="drained") == 1
+
+
+async def test_heartbeats_do_not_hold_off_the_idle_timeout(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """A silent upstream is still cut at RELAY_IDLE_TIMEOUT, heartbeats or not."""
+    relay = await make_relay(routes=(llm_route(upstream, sse_heartbeat=0.05),), idle_timeout=0.4)
+    feed = upstream.stream(SSE)
+    response = await step(relay.client.post("/v1/chat/completions", json={"model": "anthropic/x"}))
+    feed.send(b"data: one\n\n")
+    await step(_read_until(response, b": keep-alive\n\n"))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await step(response.content.read())
+    await step(upstream.disconnected.wait())
+    assert await relay.app[STATE].wait_streams_closed(STEP)
+    assert relay.metric("relay_streams_total", model="anthropic/*", outcome="idle_timeout") == 1

@@ -8,7 +8,7 @@ import signal
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import FakeUpstream, read_all, step
+from tests.conftest import FakeUpstream, Feed, read_all, step
 from tests.test_cli import STREAM, RelayProcess, relay_process
 
 
@@ -30,6 +30,16 @@ async def _worker_pids(relay: RelayProcess, count: int) -> list[int]:
         if record.get("event") == "worker_started":
             pids.append(int(record["pid"]))
     return pids
+
+
+async def _first_event(
+    session: aiohttp.ClientSession, relay: RelayProcess, feed: Feed
+) -> aiohttp.ClientResponse:
+    """Open a stream through the workers and read its first event."""
+    response = await step(session.post(relay.url + STREAM, data=b"{}"))
+    feed.send(b"data: 1\n\n")
+    assert await step(response.content.readexactly(9)) == b"data: 1\n\n"
+    return response
 
 
 def _json(line: str) -> dict:
@@ -67,9 +77,7 @@ async def test_active_streams_are_summed_live(upstream: FakeUpstream) -> None:
     async with relay_process(upstream.url, "--workers", "2") as relay:
         await _worker_pids(relay, 2)
         async with aiohttp.ClientSession() as session:
-            response = await step(session.post(relay.url + STREAM, data=b"{}"))
-            feed.send(b"data: 1\n\n")
-            await step(response.content.readexactly(9))
+            response = await _first_event(session, relay, feed)
             assert await _samples(session, relay, "relay_active_streams") == 1
             feed.end()
             await read_all(response)
@@ -108,9 +116,7 @@ async def test_sigterm_lets_a_workers_stream_finish(upstream: FakeUpstream) -> N
     async with relay_process(upstream.url, "--workers", "2") as relay:
         await _worker_pids(relay, 2)
         async with aiohttp.ClientSession() as session:
-            response = await step(session.post(relay.url + STREAM, data=b"{}"))
-            feed.send(b"data: 1\n\n")
-            await step(response.content.readexactly(9))
+            response = await _first_event(session, relay, feed)
             relay.proc.send_signal(signal.SIGTERM)
             record = await relay.record()
             while (record.get("event"), record.get("logger")) != ("draining", "relay.workers"):
