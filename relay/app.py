@@ -29,7 +29,7 @@ from relay.metrics import RelayMetrics
 from relay.redis_store import RedisStore
 from relay.routes import Route, Router
 from relay.state import EXCHANGE, STATE, AppState
-from relay.upstream import create_session
+from relay.upstream import Upstreams
 
 logger = structlog.get_logger("relay")
 
@@ -69,7 +69,7 @@ def create_app(
         handler_args={"max_field_size": 16384},
     )
     app[STATE] = state
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_limit_store)
     app.on_response_prepare.append(cors.response_headers(config.allowed_origins))
     health.add_routes(app.router, state)
@@ -93,11 +93,11 @@ def wavespeed_route(config: Config) -> Route:
     )
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.session = create_session(state.config)
+    state.upstreams = Upstreams(connect_timeout=state.config.connect_timeout)
     yield
-    await state.session.close()
+    await state.upstreams.close()
 
 
 async def _limit_store(app: web.Application) -> AsyncIterator[None]:

@@ -15,7 +15,6 @@ import tempfile
 import time
 from typing import IO
 
-import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
@@ -24,6 +23,7 @@ from yarl import URL
 
 from relay import cors, headers, policy
 from relay.access import Principal
+from relay.connection import Connection
 from relay.errors import (
     BadRequest,
     ModelNotAllowed,
@@ -44,11 +44,10 @@ from relay.exchange import (
 from relay.forms import form_field
 from relay.ownership import SubmissionTap
 from relay.policy import Target
-from relay.pump import ChunkTap, ClientSink, Watchdog, drain, pump
+from relay.pump import ChunkTap, Forwarder, Heartbeat, Watchdog, drain, pump
 from relay.routes import Route, is_valid_body_model
 from relay.sse import SseTap
 from relay.state import EXCHANGE, STATE, AppState
-from relay.upstream import map_upstream_errors
 
 logger = structlog.get_logger("relay.proxy")
 
@@ -90,10 +89,10 @@ async def relay(request: web.Request) -> web.StreamResponse:
             auth_value=route.auth_value,
             request_id=exchange.request_id,
         )
-        if not isinstance(body, bytes):
-            upstream_headers["Content-Length"] = str(size)
         owner = principal if target.route == "submit" else None
-        return await _stream(request, state, route, exchange, url, upstream_headers, body, owner)
+        return await _stream(
+            request, state, route, exchange, url, upstream_headers, body, size, owner
+        )
     finally:
         if lease is not None:
             state.store.release(principal.id, lease)
@@ -177,6 +176,7 @@ async def _stream(
     url: URL,
     upstream_headers: CIMultiDict[str],
     body: Body,
+    size: int,
     owner: Principal | None,
 ) -> web.StreamResponse:
     config = state.config
@@ -190,21 +190,17 @@ async def _stream(
     state.stream_opened(watchdog)
     exchange.upstream_contacted = True
     meters.active.inc()
-    upstream: aiohttp.ClientResponse | None = None
+    upstream: Connection | None = None
     response: web.StreamResponse | None = None
     sse: SseTap | None = None
     submission: SubmissionTap | None = None
+    heartbeat: Heartbeat | None = None
     try:
         if exchange.bytes_in:
             meters.bytes_in.inc(exchange.bytes_in)
-        with map_upstream_errors():
-            upstream = await state.client_session.request(
-                request.method,
-                url,
-                data=body or None,
-                headers=upstream_headers,
-                allow_redirects=False,
-            )
+        upstream = await state.upstream_pool.request(
+            request.method, url, upstream_headers, body, size
+        )
         exchange.status = upstream.status
         watchdog.streaming(asyncio.get_running_loop().time())
         response = web.StreamResponse(
@@ -215,15 +211,15 @@ async def _stream(
             ),
         )
         tap: ChunkTap | None = None
-        heartbeat = None
         if upstream.content_type == "text/event-stream":
             tap = meters.events = sse = SseTap()
-            heartbeat = route.sse_heartbeat
         elif owner is not None and upstream.status == 200:
             tap = submission = SubmissionTap()
         await response.prepare(request)
-        sink = ClientSink(request)
-        await pump(upstream.content, sink, exchange, meters, watchdog, tap, heartbeat, sse)
+        forward = Forwarder(request, upstream, exchange, meters, watchdog, tap)
+        if sse is not None and route.sse_heartbeat is not None:
+            heartbeat = Heartbeat(route.sse_heartbeat, forward, upstream, sse, exchange, watchdog)
+        await pump(upstream, forward, request)
         exchange.outcome = COMPLETED
         if submission and owner and (task_id := submission.task_id()) is not None:
             await state.gate.record_owner(owner, task_id, config.prediction_ttl)
@@ -256,11 +252,13 @@ async def _stream(
         else:
             exchange.outcome = UPSTREAM_ERROR
             exchange.detail = type(exc).__name__
-            if not isinstance(exc, aiohttp.ClientError | OSError):
+            if not isinstance(exc, OSError):
                 logger.exception("stream_failed")  # a bug, not the network: keep the trace
         return _abort(request, response)
     finally:
         watchdog.stop()
+        if heartbeat is not None:
+            heartbeat.stop()
         meters.flush(time.monotonic())
         if sse is not None:
             exchange.sse_events, exchange.terminal = sse.events, sse.terminal
@@ -281,7 +279,7 @@ def _uncancel() -> bool:
 
 
 async def _drain(
-    upstream: aiohttp.ClientResponse,
+    upstream: Connection,
     exchange: Exchange,
     watchdog: Watchdog,
     route: Route,
@@ -295,7 +293,7 @@ async def _drain(
     """
     while True:
         try:
-            if await drain(upstream.content, exchange, watchdog, route.drain_max_bytes):
+            if await drain(upstream, exchange, watchdog, route.drain_max_bytes):
                 exchange.outcome = DRAINED
             return
         except asyncio.CancelledError:
@@ -306,7 +304,7 @@ async def _drain(
             if absorbed or not _uncancel():
                 raise
             absorbed = True
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:
             exchange.outcome = UPSTREAM_ERROR
             exchange.detail = type(exc).__name__
             return

@@ -1,23 +1,28 @@
 """The only place bytes move from the upstream to the client.
 
-One loop: read what the upstream has delivered, write it, then read again. No queue, no
-accumulation, nothing read ahead. The write is the backpressure: once the client's transport
-is full, :class:`ClientSink` waits until it drains, so the upstream is not read either, and
-aiohttp's client reader pauses the upstream socket once its own small buffer is full.
+No loop and no queue: the upstream connection (:mod:`relay.upstream`) calls a
+:class:`Forwarder` with each body chunk from inside its socket callback, and the forwarder
+writes the chunk to the client's transport before it returns. Nothing is read ahead: the
+write is the backpressure. Once the client's transport is full, the forwarder pauses the
+upstream socket, and :func:`pump`, the handler's side, waits for the client to drain before
+it resumes reading. So a chunk crosses the relay in one callback, with no task switch and
+no copy beyond the chunked framing.
 
 :class:`Watchdog` enforces the relay's deadlines (first byte, idle gap, maximum duration,
-and the shutdown cut) with one timer per period rather than one per chunk: the pump only
-stores the time of its last progress, and the timer re-arms itself from that when it fires.
+and the shutdown cut) with one timer per period rather than one per chunk: the forwarder
+only stores the time of its last progress, and the timer re-arms itself from that when it
+fires. :class:`Heartbeat` keeps quiet event streams alive the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from aiohttp import ClientConnectionResetError, StreamReader, web
+from aiohttp import web
 
+from relay.connection import Connection
 from relay.exchange import (
     IDLE_TIMEOUT,
     MAX_DURATION,
@@ -92,107 +97,175 @@ class Watchdog:
             )
 
 
-class ClientSink:
-    """Writes body chunks straight to the client's transport: the backpressure, in one class.
+class ClientGone(ConnectionResetError):
+    """The client's connection closed while the relay had a chunk for it."""
 
-    After ``prepare()`` aiohttp's own ``write`` adds three Python layers per chunk (each
-    checking for compression and clipping the relay never uses). This sink frames a chunk
-    as aiohttp's writer would (HTTP/1.1 chunked, or raw under a Content-Length, which the
-    upstream's framing already bounds) and waits only while the transport is paused, which
-    is exactly when aiohttp's writer would wait. ``write_eof`` stays aiohttp's.
+
+class DrainLimit(Exception):
+    """A drain read more than its route allows; the upstream is closed instead."""
+
+
+class Forwarder:
+    """The sink of a streaming response: writes each body chunk straight to the client.
+
+    After ``prepare()`` aiohttp's own ``write`` adds three Python layers and an ``await``
+    per chunk (each checking for compression and clipping the relay never uses). This frames
+    a chunk as aiohttp's writer would (HTTP/1.1 chunked, or raw under a Content-Length,
+    which the upstream's framing already bounds), and pauses the upstream exactly when
+    aiohttp's writer would wait: when the transport says it is full. ``write_eof`` stays
+    aiohttp's. Per chunk it then records two clock reads, the counters and the tap.
     """
 
-    __slots__ = ("_chunked", "_protocol", "_transport", "_writer")
+    __slots__ = (
+        "_chunked", "_exchange", "_protocol", "_record", "_tap", "_transport", "_upstream",
+        "_watchdog",
+    )  # fmt: skip
 
     SMALL = 4096  # below this a chunk is framed into one buffer; above, written as three
 
-    def __init__(self, request: web.BaseRequest) -> None:
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        upstream: Connection,
+        exchange: Exchange,
+        meters: StreamMeters,
+        watchdog: Watchdog,
+        tap: ChunkTap | None,
+    ) -> None:
         transport, protocol = request.transport, request.protocol
         if transport is None or protocol is None:
-            raise ClientConnectionResetError("the client went away")
+            raise ClientGone("the client went away")
         self._transport = transport
         self._protocol = protocol
-        self._writer = request.writer
         self._chunked = getattr(request.writer, "chunked", False)
+        self._upstream = upstream
+        self._exchange = exchange
+        self._record = meters.chunk
+        self._watchdog = watchdog
+        self._tap = tap
 
-    async def write(self, chunk: bytes) -> None:
-        transport = self._transport
-        if transport.is_closing():
-            raise ClientConnectionResetError("the client went away")
-        if not self._chunked:
-            transport.write(chunk)
-        elif len(chunk) < self.SMALL:
-            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        else:
-            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-        if self._protocol.writing_paused:
-            await self._writer.drain()
-
-
-async def pump(
-    source: StreamReader,
-    sink: ClientSink,
-    exchange: Exchange,
-    meters: StreamMeters,
-    watchdog: Watchdog,
-    tap: ChunkTap | None = None,
-    heartbeat: float | None = None,
-    events: SseTap | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> None:
-    """Copy ``source`` to ``sink`` chunk by chunk until the upstream's clean end.
-
-    With ``heartbeat`` (event streams only) an SSE comment is written whenever the upstream
-    has been silent that long and the stream stands at an event boundary.
-    Raises whatever the read or the write raises; the caller classifies it.
-    """
-    write, record = sink.write, meters.chunk
-    read: Callable[[], Awaitable[bytes]] = source.readany
-    if heartbeat is not None and events is not None:
-        read = _with_heartbeat(source, sink, exchange, heartbeat, events)
-    read_buffered = source.read_nowait
-    while chunk := read_buffered(-1) or await read():
-        received = clock()
-        await write(chunk)
-        written = clock()
-        watchdog.last = written  # idle time counts only while we wait on the upstream
-        if tap is not None:
-            tap(chunk)  # after the write: a passive look never delays the client
+    def __call__(self, chunk: bytes) -> None:
+        received = time.monotonic()
+        if not self.write(chunk):
+            self._upstream.refuse(chunk, ClientGone("the client went away"))
+            return
+        written = time.monotonic()
+        self._watchdog.last = written  # idle time counts only while we wait on the upstream
+        if self._tap is not None:
+            self._tap(chunk)  # after the write: a passive look never delays the client
+        exchange = self._exchange
         exchange.bytes_out += len(chunk)
         exchange.chunks += 1
-        record(received, written)
+        self._record(received, written)
+
+    def write(self, data: bytes) -> bool:
+        """Frame and write ``data``; False, writing nothing, if the client is gone."""
+        transport = self._transport
+        if transport.is_closing():
+            return False
+        if not self._chunked:
+            transport.write(data)
+        elif len(data) < self.SMALL:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        if self._protocol.writing_paused:
+            self._upstream.pause()
+        return True
+
+
+async def pump(upstream: Connection, forward: Forwarder, request: web.BaseRequest) -> None:
+    """Relay the upstream's body through ``forward`` until its clean end.
+
+    The handler's task only waits here: for the response to complete, and for the client
+    to drain whenever the forwarder found it full. Raises the upstream's failure, or
+    :class:`ClientGone`; the caller classifies it.
+    """
+    upstream.attach(forward)
+    while not await upstream.wait():
+        await request.writer.drain()  # the client reads again (or is gone: this raises)
+        upstream.resume()
 
 
 HEARTBEAT = b": keep-alive\n\n"
 
 
-def _with_heartbeat(
-    source: StreamReader,
-    sink: ClientSink,
-    exchange: Exchange,
-    every: float,
-    events: SseTap,
-) -> Callable[[], Awaitable[bytes]]:
-    async def read() -> bytes:
-        while True:
-            try:
-                return await asyncio.wait_for(source.readany(), every)
-            except TimeoutError:  # nothing lost: the bytes stay in the reader's buffer
-                if events.at_boundary:
-                    await sink.write(HEARTBEAT)
-                    exchange.heartbeats += 1
+class Heartbeat:
+    """Writes an SSE comment whenever an event stream has been quiet ``every`` seconds.
 
-    return read
+    Only at an event boundary (never inside an event the upstream is still sending) and
+    never while the client is full. One timer, re-armed from the last chunk or heartbeat.
+    Heartbeats do not count as upstream progress, so they never hold off the idle deadline.
+    """
+
+    __slots__ = ("_events", "_every", "_exchange", "_forward", "_handle", "_loop", "_sent",
+                 "_upstream", "_watchdog")  # fmt: skip
+
+    def __init__(
+        self,
+        every: float,
+        forward: Forwarder,
+        upstream: Connection,
+        events: SseTap,
+        exchange: Exchange,
+        watchdog: Watchdog,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._every = every
+        self._forward = forward
+        self._upstream = upstream
+        self._events = events
+        self._exchange = exchange
+        self._watchdog = watchdog
+        self._sent = self._loop.time()
+        self._handle = self._loop.call_at(self._sent + every, self._beat)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _beat(self) -> None:
+        now = self._loop.time()
+        quiet_since = max(self._watchdog.last, self._sent)
+        if now - quiet_since >= self._every - CLOCK_SLACK:
+            quiet = self._events.at_boundary and not self._upstream.needs_drain
+            if quiet and self._forward.write(HEARTBEAT):
+                self._exchange.heartbeats += 1
+            self._sent = quiet_since = now
+        self._handle = self._loop.call_at(quiet_since + self._every, self._beat)
 
 
-async def drain(source: StreamReader, exchange: Exchange, watchdog: Watchdog, limit: int) -> bool:
+CLOCK_SLACK = 0.002  # uvloop's timers run at millisecond resolution
+
+
+class Drainer:
+    """The sink once the client left a ``drain`` route: counts, discards, and stops past
+    ``limit`` bytes (the upstream is closed instead)."""
+
+    __slots__ = ("_exchange", "_limit", "_upstream", "_watchdog")
+
+    def __init__(
+        self, upstream: Connection, exchange: Exchange, watchdog: Watchdog, limit: int
+    ) -> None:
+        self._upstream = upstream
+        self._exchange = exchange
+        self._watchdog = watchdog
+        self._limit = limit
+
+    def __call__(self, chunk: bytes) -> None:
+        self._watchdog.last = time.monotonic()
+        total = (self._exchange.drained_bytes or 0) + len(chunk)
+        self._exchange.drained_bytes = total
+        if total > self._limit:
+            self._upstream.interrupt(DrainLimit())
+
+
+async def drain(upstream: Connection, exchange: Exchange, watchdog: Watchdog, limit: int) -> bool:
     """Read the upstream to its end with nobody to write to; False past ``limit`` bytes."""
-    read, clock = source.readany, time.monotonic
-    total = exchange.drained_bytes or 0  # a drain may resume after an absorbed cancellation
-    while chunk := await read():
-        watchdog.last = clock()
-        total += len(chunk)
-        exchange.drained_bytes = total
-        if total > limit:
-            return False
+    exchange.drained_bytes = exchange.drained_bytes or 0  # resumes after an absorbed cancel
+    upstream.attach(Drainer(upstream, exchange, watchdog, limit))
+    try:
+        while not await upstream.wait():  # a drainer never pauses; the client's pause may
+            upstream.resume()  # still stand from before the client left
+    except DrainLimit:
+        return False
     return True

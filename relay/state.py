@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from relay.config import Config
@@ -15,6 +14,7 @@ from relay.gate import Gate
 from relay.limits import Store
 from relay.metrics import RelayMetrics
 from relay.routes import Router
+from relay.upstream import Upstreams
 
 if TYPE_CHECKING:
     from relay.pump import Watchdog
@@ -22,22 +22,22 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class AppState:
-    """Everything one relay app owns. Built by ``create_app``; the session by its cleanup ctx."""
+    """Everything one relay app owns. Built by ``create_app``; the pool by its cleanup ctx."""
 
     config: Config
     metrics: RelayMetrics
     store: Store
     gate: Gate
     router: Router
-    session: aiohttp.ClientSession | None = None
+    upstreams: Upstreams | None = None
     streams: set[Watchdog] = field(default_factory=set)
     draining: bool = False
     _all_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
-    def client_session(self) -> aiohttp.ClientSession:
-        assert self.session is not None, "the upstream session opens with the app"
-        return self.session
+    def upstream_pool(self) -> Upstreams:
+        assert self.upstreams is not None, "the upstream pool opens with the app"
+        return self.upstreams
 
     def stream_opened(self, watchdog: Watchdog) -> None:
         self.streams.add(watchdog)

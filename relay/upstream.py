@@ -1,57 +1,168 @@
-"""The upstream side: the one ``ClientSession`` per app, and the one exception translator.
+"""The upstream side: one pool of keep-alive connections per app, and the request head.
 
-:func:`map_upstream_errors` is the only place where aiohttp client exceptions become
-:class:`RelayError` s. Messages name the exception class only: the ``repr`` of an aiohttp
-client error can include the request headers, and so the provider key.
+:meth:`Upstreams.request` is the only place a failure to reach the upstream becomes a
+:class:`~relay.errors.RelayError`; messages name an exception class at most, never a
+header, so never the provider key. The connections themselves are
+:class:`relay.connection.Connection` s: why the relay parses responses itself is told there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+import re
+import ssl
+from typing import IO
 
-import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
 
-from relay.config import Config
+from relay.connection import Connection, Origin, UpstreamClosed, UpstreamProtocolError
 from relay.errors import UpstreamTimeout, UpstreamUnavailable
 
-# How much the client-side reader buffers before it pauses the upstream socket. Backpressure
-# starts here: a stalled client stops our reads, and this bounds what sits in memory.
-READ_BUFFER_BYTES = 2**16
+KEEPALIVE_SECONDS = 30.0  # an idle pooled connection is closed after this
+MAX_IDLE_PER_ORIGIN = 256  # idle connections kept per upstream; the rest close when released
+IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
+_UNSAFE = re.compile(r"[\r\n\0]")
 
 
-def create_session(config: Config) -> aiohttp.ClientSession:
-    """One pooled session for the app's lifetime, with the relay's own deadlines.
+class Upstreams:
+    """Keep-alive connections to every upstream the routes name, one pool per app.
 
-    aiohttp's 300 s ``total`` timeout is off (it would cut long streams); the connect
-    deadline is aiohttp's, first byte, idle and maximum duration are the relay's
-    (:class:`relay.pump.Watchdog`). No decompression: bytes pass as they came.
+    A released connection waits up to ``keepalive`` seconds for its next exchange. Nothing
+    limits how many are open at once: the relay caps its streams itself (``RELAY_MAX_STREAMS``),
+    so there is no hidden queue here.
     """
-    connector = aiohttp.TCPConnector(
-        limit=0,  # the relay caps streams itself (RELAY_MAX_STREAMS); no hidden pool queue
-        ttl_dns_cache=60,
-        keepalive_timeout=30,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=config.connect_timeout, sock_read=None
-        ),
-        auto_decompress=False,
-        read_bufsize=READ_BUFFER_BYTES,
-        # Only what the client sent goes upstream: no invented User-Agent or Content-Type.
-        skip_auto_headers=("User-Agent", "Content-Type"),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-    )
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        keepalive: float = KEEPALIVE_SECONDS,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._keepalive = keepalive
+        self._ssl_context = ssl_context
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | IO[bytes],
+        size: int,
+    ) -> Connection:
+        """Send a request and return its connection once the response head is in.
+
+        A request on a reused connection that the upstream had already closed, before a
+        byte of the response, is sent again on a new one if its method is idempotent.
+        """
+        origin: Origin = (url.scheme, url.raw_host or "", url.port or 0)
+        head = _request_head(method, url, headers, size)
+        while True:
+            connection = self._checkout(origin)
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(origin)
+            try:
+                await connection.send(head, body)
+                await connection.head()
+                return connection
+            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
+                connection.close()
+                if reused and not connection.received_any and _resendable(method, body):
+                    continue  # the pooled connection was already gone: nothing reached it
+                raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
+            except BaseException:
+                connection.close()  # cancelled (a deadline, or the client left): not reusable
+                raise
+
+    def put(self, connection: Connection) -> None:
+        idle = self._idle.setdefault(connection.origin, [])
+        if len(idle) >= MAX_IDLE_PER_ORIGIN:
+            connection.close()
+            return
+        loop = asyncio.get_running_loop()
+        connection.idle_since = loop.time()
+        connection.pooled = True
+        idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._keepalive, self._sweep)
+
+    def discard(self, connection: Connection) -> None:
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in list(self._idle.values()):
+            for connection in list(idle):
+                connection.close()
+        self._idle.clear()
+
+    def _checkout(self, origin: Origin) -> Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely to be stale
+            connection.pooled = False
+            if connection.usable:
+                return connection
+        return None
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than ``keepalive``; re-arm while any remain."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        expired_before = loop.time() - self._keepalive
+        remaining = False
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since <= expired_before:
+                idle.pop(0).close()
+            remaining = remaining or bool(idle)
+        if remaining:
+            self._sweeper = loop.call_later(self._keepalive / 2, self._sweep)
+
+    async def _connect(self, origin: Origin) -> Connection:
+        scheme, host, port = origin
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            tls = self._ssl_context
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: Connection(self, origin),
+                    host,
+                    port,
+                    ssl=tls,
+                    server_hostname=host if tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout("upstream did not accept a connection in time") from None
+        except OSError as exc:  # refused, unreachable, DNS, TLS verification
+            raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
+        return connection
 
 
-@contextmanager
-def map_upstream_errors() -> Iterator[None]:
-    """Translate a failure to open the upstream exchange into the relay's own error."""
-    try:
-        yield
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream did not answer in time ({type(exc).__name__})") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
+def _resendable(method: str, body: bytes | IO[bytes]) -> bool:
+    return method in IDEMPOTENT and isinstance(body, bytes)
+
+
+def _request_head(method: str, url: URL, headers: CIMultiDict[str], size: int) -> bytes:
+    """The request line and headers, with ``Host`` and the body's ``Content-Length``."""
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
+    for name, value in headers.items():
+        if _UNSAFE.search(name) or _UNSAFE.search(value):  # aiohttp's parser already refuses
+            raise ValueError("a header with a line break")  # these; config values too
+        lines.append(f"{name}: {value}")
+    if size or method not in ("GET", "DELETE"):
+        lines.append(f"Content-Length: {size}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")

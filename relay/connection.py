@@ -1,0 +1,320 @@
+"""One upstream HTTP/1.1 connection that hands each response body chunk to a sink.
+
+A general HTTP client hands a response body to the reading task through a buffer: the socket
+callback appends to it and wakes a future, and a later turn of the loop copies it out
+(aiohttp's ``StreamReader``). A relay has nowhere better to put a chunk than the client's
+socket, so :class:`Connection` parses the response with llhttp (``httptools``) inside
+``data_received`` and calls the attached sink with each body chunk right there: one callback
+per chunk, no buffer, no task switch. Backpressure is explicit: a sink that fills the
+client's transport calls :meth:`Connection.pause`, which stops reading the upstream socket
+and wakes the handler to wait for the client to drain, then :meth:`Connection.resume`.
+
+The pool of these, and the request head, are :mod:`relay.upstream`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import IO, Protocol, cast
+
+import httptools
+from multidict import CIMultiDict
+
+Sink = Callable[[bytes], None]
+Origin = tuple[str, str, int]  # scheme, host, port
+
+HOLD_BYTES = 2**16  # body held while no sink is attached; past it the upstream socket pauses
+MAX_HEAD_BYTES = 2**16  # a response head larger than this is refused
+UPLOAD_CHUNK = 2**16  # a spooled upload is sent in pieces of this size
+
+
+class Pool(Protocol):
+    def put(self, connection: Connection) -> None: ...
+    def discard(self, connection: Connection) -> None: ...
+
+
+class UpstreamClosed(ConnectionError):
+    """The upstream closed the connection before its response was complete."""
+
+
+class UpstreamProtocolError(ConnectionError):
+    """The upstream's response is not valid HTTP/1.1."""
+
+
+class Connection(asyncio.Protocol):
+    """One upstream TCP (or TLS) connection and the exchange in flight on it, if any.
+
+    The handler sends a request (:meth:`send`), waits for the response head (:meth:`head`),
+    attaches a sink (:meth:`attach`) and then waits in :meth:`wait` for the three things it
+    must act on: the client needs draining, the response is complete, or it failed.
+    Afterwards :meth:`release` pools the connection if it can carry another exchange, and
+    :meth:`close` ends it (the provider sees the disconnect and stops generating).
+    """
+
+    __slots__ = (
+        "_complete", "_error", "_head_bytes", "_held", "_held_bytes", "_interrupt",
+        "_keep_alive", "_loop", "_needs_drain", "_parser", "_pool", "_raw_headers", "_reason",
+        "_sink", "_skipping_informational", "_transport", "_waiter", "_write_waiter",
+        "has_head", "headers", "idle_since", "origin", "pooled", "received_any", "status",
+    )  # fmt: skip
+
+    def __init__(self, pool: Pool, origin: Origin) -> None:
+        self._pool = pool
+        self.origin = origin
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
+        self.pooled = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.has_head = False
+        self.received_any = False
+        self._reason = b""
+        self._raw_headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._skipping_informational = False
+        self._complete = False
+        self._keep_alive = False
+        self._needs_drain = False
+        self._error: BaseException | None = None
+        self._interrupt: BaseException | None = None
+        self._sink: Sink | None = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    # -- the handler's side ----------------------------------------------------------------
+
+    @property
+    def reason(self) -> str:
+        return self._reason.decode("latin-1")
+
+    @property
+    def content_type(self) -> str:
+        """The media type of the response, lower case, without parameters."""
+        return self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+
+    async def send(self, head: bytes, body: bytes | IO[bytes]) -> None:
+        """Write one request: ``head`` and the body, waiting whenever the socket is full."""
+        transport = self._live_transport()
+        if isinstance(body, bytes):
+            transport.write(head + body)  # one write: one packet for the usual JSON body
+            return
+        transport.write(head)
+        while piece := body.read(UPLOAD_CHUNK):
+            self._live_transport().write(piece)
+            if self._write_waiter is not None:
+                await self._write_waiter
+
+    async def head(self) -> None:
+        """Wait for the response's status line and headers."""
+        while not self.has_head:
+            if self._error is not None:
+                raise self._error
+            await self._next()
+
+    def attach(self, sink: Sink) -> None:
+        """From now on, call ``sink`` with each body chunk; first with any held ones.
+
+        What an earlier sink passed to :meth:`interrupt` and nobody raised yet is dropped.
+        """
+        self._sink = sink
+        self._interrupt = None
+        held, self._held, self._held_bytes = self._held, [], 0
+        for chunk in held:
+            if self._sink is not sink:  # the sink refused one: the rest stays held
+                self._held.append(chunk)
+                self._held_bytes += len(chunk)
+            else:
+                sink(chunk)
+        if not self._needs_drain and self._transport is not None:
+            self._transport.resume_reading()
+
+    async def wait(self) -> bool:
+        """Wait until the client must be drained (False) or the response is complete (True).
+
+        Raises the failure of the response, or what a sink passed to :meth:`interrupt`.
+        """
+        while True:
+            if self._interrupt is not None:
+                interrupt, self._interrupt = self._interrupt, None
+                raise interrupt
+            if self._needs_drain:
+                return False
+            if self._complete:
+                return True
+            if self._error is not None:
+                raise self._error
+            await self._next()
+
+    def pause(self) -> None:
+        """The sink's client is full: stop reading the upstream until :meth:`resume`."""
+        if not self._needs_drain:
+            self._needs_drain = True
+            if self._transport is not None:
+                self._transport.pause_reading()
+            self._wake()
+
+    def resume(self) -> None:
+        self._needs_drain = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    @property
+    def needs_drain(self) -> bool:
+        return self._needs_drain
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Make the handler's :meth:`wait` raise ``exc`` (once)."""
+        self._interrupt = exc
+        self._wake()
+
+    def refuse(self, chunk: bytes, exc: BaseException) -> None:
+        """The sink cannot take ``chunk``: detach it, hold the chunk, and interrupt."""
+        self._sink = None
+        self._hold(chunk)
+        self.interrupt(exc)
+
+    def release(self) -> None:
+        """The exchange is over: pool the connection if it can carry another, else close it."""
+        if self._complete and self._keep_alive and self._transport is not None:
+            self._reset()
+            self._pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self._keep_alive = False
+        if self._transport is not None:
+            self._transport.close()
+
+    @property
+    def usable(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def _live_transport(self) -> asyncio.Transport:
+        if self._transport is None or self._transport.is_closing():
+            raise self._error or UpstreamClosed("the upstream connection is closed")
+        return self._transport
+
+    async def _next(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._keep_alive = False
+        self._wake()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _hold(self, chunk: bytes) -> None:
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+        if self._held_bytes > HOLD_BYTES and self._transport is not None:
+            self._transport.pause_reading()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        if self.pooled or self._complete or self._error is not None:  # bytes nobody asked for
+            self._fail(UpstreamProtocolError("unexpected bytes from the upstream"))
+            return
+        if not self.has_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES + HOLD_BYTES:
+                self._fail(UpstreamProtocolError("response head too large"))
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # a sink raised: a bug, keep it
+            self._fail(exc.__context__ or exc)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"invalid response ({type(exc).__name__})"))
+
+    def eof_received(self) -> bool:
+        return False  # close: a half-closed upstream carries no more exchanges
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._pool.discard(self)
+        if self._ends_body(exc):
+            self._complete = True  # a body without framing ends where the connection does
+        elif not self._complete:
+            self._error = self._error or UpstreamClosed("the upstream closed the connection")
+        self._keep_alive = False
+        self._wake()
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)  # the next write raises
+
+    def pause_writing(self) -> None:
+        self._write_waiter = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._write_waiter = self._write_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _ends_body(self, exc: Exception | None) -> bool:
+        """Whether a clean close completes the response: its body is delimited by the close."""
+        return (
+            self.has_head
+            and not self._complete
+            and exc is None
+            and self._error is None
+            and "Content-Length" not in self.headers
+            and "chunked" not in self.headers.get("Transfer-Encoding", "").lower()
+        )
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # 1xx: an interim response, the real one follows
+            self._skipping_informational = True
+            self._raw_headers, self._reason = [], b""
+            return
+        self.status = status
+        self.headers = CIMultiDict(self._raw_headers)
+        self.has_head = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(body)
+        else:
+            self._hold(body)
+
+    def on_message_complete(self) -> None:
+        if self._skipping_informational:
+            self._skipping_informational = False
+            return
+        self._complete = True
+        self._keep_alive = self._parser.should_keep_alive()
+        self._wake()

@@ -1,0 +1,389 @@
+"""The upstream client on the wire: framing, keep-alive, retries, TLS, and refusals.
+
+A scripted raw TCP server stands in for the upstream, so each test decides the exact bytes
+of each response and can see every connection the pool opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trustme
+from multidict import CIMultiDict
+from yarl import URL
+
+from relay.connection import MAX_HEAD_BYTES, UPLOAD_CHUNK, Connection, UpstreamClosed
+from relay.errors import UpstreamUnavailable
+from relay.upstream import Upstreams, _request_head
+from tests.conftest import step
+
+# Reads one request (head and Content-Length body) and answers it; returns False to close.
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+@dataclass
+class WireServer:
+    """A raw HTTP/1.1 server answering each request on a connection with ``script``."""
+
+    script: Script
+    ssl: ssl.SSLContext | None = None
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    closed: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"{'https' if self.ssl else 'http'}://localhost:{port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = _content_length(head)
+                self.requests.append(head + await reader.readexactly(length))
+                if not await self.script(reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.closed.put_nowait(number)
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def answer(*parts: bytes, keep: bool = True) -> Script:
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        return keep
+
+    return script
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.fixture
+async def wire() -> AsyncIterator[Callable[..., Awaitable[WireServer]]]:
+    servers: list[WireServer] = []
+
+    async def start(script: Script, **kwargs: object) -> WireServer:
+        server = WireServer(script, **kwargs)  # type: ignore[arg-type]
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        assert server.server is not None
+        server.server.close()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Upstreams]:
+    upstreams = Upstreams(connect_timeout=5)
+    yield upstreams
+    await upstreams.close()
+
+
+async def fetch(
+    pool: Upstreams, url: str, method: str = "POST", body: bytes = b"{}"
+) -> tuple[Connection, list[bytes]]:
+    """One exchange read to its end: the connection (not yet released) and its chunks."""
+    connection = await step(pool.request(method, URL(url), CIMultiDict(), body, len(body)))
+    chunks: list[bytes] = []
+    connection.attach(chunks.append)
+    assert await step(connection.wait())
+    return connection, chunks
+
+
+async def test_chunked_body_arrives_chunk_by_chunk_and_the_connection_is_reused(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """Each chunk of a chunked body reaches the sink as sent; the next request reuses the socket."""
+    server = await wire(answer(CHUNKED, b"5\r\nhello\r\n", b"6\r\n world\r\n", b"0\r\n\r\n"))
+    for _ in range(3):
+        connection, chunks = await fetch(pool, server.url + "/v1/x")
+        assert connection.status == 200
+        assert connection.content_type == "text/event-stream"
+        assert b"".join(chunks) == b"hello world"
+        connection.release()
+    assert server.connections == 1
+    assert len(server.requests) == 3
+
+
+async def test_content_length_body_completes_and_pools(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A body framed by Content-Length completes at its length, and the socket is kept."""
+    server = await wire(answer(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\n", b"abcd"))
+    connection, chunks = await fetch(pool, server.url)
+    assert (connection.status, connection.reason, b"".join(chunks)) == (201, "Created", b"abcd")
+    connection.release()
+    connection, _ = await fetch(pool, server.url)
+    connection.release()
+    assert server.connections == 1
+
+
+async def test_body_delimited_by_close_completes_at_eof_and_is_not_pooled(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """Without Content-Length or chunking the body ends with the connection: complete, not reused."""
+    server = await wire(answer(b"HTTP/1.1 200 OK\r\n\r\n", b"all of it", keep=False))
+    connection, chunks = await fetch(pool, server.url)
+    assert b"".join(chunks) == b"all of it"
+    connection.release()
+    connection, _ = await fetch(pool, server.url)
+    connection.release()
+    assert server.connections == 2
+
+
+async def test_connection_close_is_honoured(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A response saying Connection: close is never followed by a request on that socket."""
+    server = await wire(
+        answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    )
+    for _ in range(2):
+        connection, _ = await fetch(pool, server.url)
+        connection.release()
+    assert server.connections == 2
+
+
+async def test_a_body_cut_mid_chunk_raises_upstream_closed(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """An upstream that closes inside a chunked body fails the exchange: never a clean end."""
+    server = await wire(answer(CHUNKED, b"5\r\nhello\r\n", b"8\r\nhal", keep=False))
+    connection = await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
+    chunks: list[bytes] = []
+    connection.attach(chunks.append)
+    with pytest.raises(UpstreamClosed):
+        await step(connection.wait())
+    assert b"".join(chunks) == b"hellohal"
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(b"SMTP ready\r\n\r\n", id="not-http"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            id="length-and-chunked",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 * MAX_HEAD_BYTES + 10) + b"\r\n\r\n",
+            id="head-too-large",
+        ),
+        pytest.param(b"", id="closed-without-answer"),
+    ],
+)
+async def test_an_invalid_or_missing_response_is_upstream_unavailable(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams, response: bytes
+) -> None:
+    """What is not a valid HTTP/1.1 response head becomes the relay's 502, naming no header."""
+    server = await wire(answer(response, keep=False))
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
+    assert caught.value.status == 502
+
+
+async def test_an_interim_1xx_response_is_skipped(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A 100 Continue before the real response is not taken for it."""
+    server = await wire(
+        answer(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    )
+    connection, chunks = await fetch(pool, server.url)
+    assert (connection.status, b"".join(chunks)) == (200, b"ok")
+
+
+def close_on_second_request() -> Script:
+    """Answers the first request on each connection; closes on the second without answering,
+    as an upstream does that closed an idle keep-alive connection just as it was reused."""
+    seen: dict[int, int] = {}
+
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        key = id(writer)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    return script
+
+
+async def test_an_idempotent_request_is_resent_when_a_pooled_connection_was_gone(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A GET on a reused socket that closes before any answer is sent again on a new one."""
+    server = await wire(close_on_second_request())
+    connection, _ = await fetch(pool, server.url, "GET", b"")
+    connection.release()
+    connection, chunks = await fetch(pool, server.url, "GET", b"")
+    assert b"".join(chunks) == b"ok"
+    assert server.connections == 2
+
+
+async def test_a_post_is_never_resent(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A POST (a paid generation) on a reused socket that closes is a 502, not sent twice."""
+    server = await wire(close_on_second_request())
+    connection, _ = await fetch(pool, server.url)
+    connection.release()
+    with pytest.raises(UpstreamUnavailable):
+        await step(pool.request("POST", URL(server.url), CIMultiDict(), b"{}", 2))
+    assert server.connections == 1
+
+
+async def test_pause_stops_delivery_until_resume(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A sink that pauses makes wait() return False; the rest of the body follows resume()."""
+    body = b"x" * (4 * 2**20)
+    server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body))
+    connection = await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
+    received: list[bytes] = []
+
+    def sink(chunk: bytes) -> None:
+        received.append(chunk)
+        connection.pause()
+
+    connection.attach(sink)
+    pauses = 0
+    while not await step(connection.wait()):
+        pauses += 1
+        seen = len(received)
+        assert connection.needs_drain
+        connection.resume()
+        assert len(received) == seen  # nothing arrived while paused
+    assert b"".join(received) == body
+    assert pauses >= 2
+
+
+async def test_a_spooled_upload_is_sent_whole_with_its_length(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """An upload read from a file goes out in pieces under one Content-Length."""
+    server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    upload = bytes(range(256)) * (3 * UPLOAD_CHUNK // 256 + 7)
+    connection = await step(
+        pool.request(
+            "POST", URL(server.url + "/up"), CIMultiDict(), io.BytesIO(upload), len(upload)
+        )
+    )
+    connection.attach(lambda _: None)
+    assert await step(connection.wait())
+    head, _, sent = server.requests[0].partition(b"\r\n\r\n")
+    assert sent == upload
+    assert b"Content-Length: %d" % len(upload) in head
+
+
+async def test_idle_connections_close_after_the_keepalive(
+    wire: Callable[..., Awaitable[WireServer]],
+) -> None:
+    """A pooled connection unused for the keep-alive period is closed by the relay."""
+    server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    pool = Upstreams(connect_timeout=5, keepalive=0.05)
+    connection, _ = await fetch(pool, server.url)
+    connection.release()
+    assert await step(server.closed.get()) == 1
+    await pool.close()
+
+
+async def test_closing_the_pool_closes_idle_connections(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """Shutting the app down closes what the pool keeps."""
+    server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    connection, _ = await fetch(pool, server.url)
+    connection.release()
+    await pool.close()
+    assert await step(server.closed.get()) == 1
+
+
+async def test_tls_upstream_is_verified(wire: Callable[..., Awaitable[WireServer]]) -> None:
+    """An https upstream is reached over TLS with its certificate verified, and refused if not."""
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_context)
+    server = await wire(
+        answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret"), ssl=server_context
+    )
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    pool = Upstreams(connect_timeout=5, ssl_context=trusting)
+    connection, chunks = await fetch(pool, server.url)
+    assert b"".join(chunks) == b"secret"
+    connection.release()
+    await pool.close()
+
+    untrusting = Upstreams(connect_timeout=5)  # the system's roots: the test CA is not one
+    with pytest.raises(UpstreamUnavailable, match="SSLCertVerificationError"):
+        await step(untrusting.request("GET", URL(server.url), CIMultiDict(), b"", 0))
+    await untrusting.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "size", "expected"),
+    [
+        (
+            "GET",
+            "http://up:8080/a?b=1",
+            0,
+            b"GET /a?b=1 HTTP/1.1\r\nHost: up:8080\r\nX-A: 1\r\n\r\n",
+        ),
+        (
+            "POST",
+            "https://up/v",
+            0,
+            b"POST /v HTTP/1.1\r\nHost: up\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n",
+        ),
+        (
+            "POST",
+            "http://[::1]/v",
+            5,
+            b"POST /v HTTP/1.1\r\nHost: [::1]\r\nX-A: 1\r\nContent-Length: 5\r\n\r\n",
+        ),
+        ("DELETE", "http://up/p/%2F", 0, b"DELETE /p/%2F HTTP/1.1\r\nHost: up\r\nX-A: 1\r\n\r\n"),
+    ],
+)
+def test_request_head(method: str, url: str, size: int, expected: bytes) -> None:
+    """The request line keeps the encoded path; Host omits a default port; bodies get a length."""
+    assert (
+        _request_head(method, URL(url, encoded=True), CIMultiDict({"X-A": "1"}), size) == expected
+    )
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\0b"])
+def test_request_head_refuses_line_breaks(value: str) -> None:
+    """No header value can add a header line of its own."""
+    with pytest.raises(ValueError, match="line break"):
+        _request_head("GET", URL("http://up/"), CIMultiDict({"X-A": value}), 0)
