@@ -60,22 +60,36 @@ class SseTap:
         return not self._pending
 
     def __call__(self, chunk: bytes) -> None:
-        if b"\r" in chunk:  # CRLF and CR line ends, for the tap's eyes only
+        # bytes.find, not ``in``: on CPython 3.11 ``x in bytes`` first tries x as an integer
+        # and pays for the TypeError, twice the cost of the search itself.
+        if chunk.find(b"\r") != -1:  # CRLF and CR line ends, for the tap's eyes only
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         data = self._pending + chunk if self._pending else chunk
-        start = 0
-        while (end := data.find(b"\n\n", start)) != -1:
-            self._event(data[start:end])
-            start = end + 2
-        rest = data[start:] if start else data
-        if len(rest) > HEAD + TAIL:
-            rest = rest[:HEAD] + rest[-TAIL:]
-        self._pending = rest
+        end = data.rfind(b"\n\n")
+        if end == -1:  # still inside one event
+            self._pending = _bounded(data)
+            return
+        self._pending = _bounded(data[end + 2 :]) if end + 2 < len(data) else b""
+        whole = data[:end]  # every event this chunk completes
+        # Most chunks carry no terminal: one look for the markers per chunk, not per event.
+        marked = (
+            whole.find(b"[DONE]") != -1
+            or whole.find(b'"complete"') != -1
+            or whole.find(b'"error"') != -1
+            or whole.find(b"base_resp") != -1
+        )
+        if not marked and whole.find(b"\n\n") == -1:  # the usual chunk: one plain event
+            if whole.startswith(b"data") or whole.find(b"\ndata") != -1:
+                self.events += 1
+            return
+        for event in whole.split(b"\n\n"):
+            if not (event.startswith(b"data") or event.find(b"\ndata") != -1):
+                continue  # comments and field-only blocks dispatch no event
+            self.events += 1
+            if marked and (kind := classify(event)) is not None:
+                self.terminal = kind
 
-    def _event(self, event: bytes) -> None:
-        if not (event.startswith(b"data") or b"\ndata" in event):
-            return  # comments and field-only blocks dispatch no event
-        self.events += 1
-        kind = classify(event)
-        if kind is not None:
-            self.terminal = kind
+
+def _bounded(rest: bytes) -> bytes:
+    """What is kept of an unfinished event: all of it, or its head and tail."""
+    return rest[:HEAD] + rest[-TAIL:] if len(rest) > HEAD + TAIL else rest
