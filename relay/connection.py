@@ -301,6 +301,7 @@ class Connection(asyncio.Protocol):
             return
         self.status = status
         self.headers = CIMultiDict(self._raw_headers)
+        self._raw_headers.clear()  # a stream may live for hours: keep one copy, not two
         self.has_head = True
         self._wake()
 
