@@ -190,7 +190,13 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        """End the connection, and let go of what the exchange referenced (the sink, and an
+        error whose traceback holds the handler's frames), so that a stream's objects are
+        freed by reference counting rather than left as cycles for the collector."""
         self._keep_alive = False
+        self._sink = None
+        self._held.clear()
+        self._error = self._interrupt = None
         if self._transport is not None:
             self._transport.close()
 
@@ -262,6 +268,8 @@ class Connection(asyncio.Protocol):
         elif not self._complete:
             self._error = self._error or UpstreamClosed("the upstream closed the connection")
         self._keep_alive = False
+        self._sink = None
+        del self._parser  # it holds our bound methods (a cycle), and nothing more arrives
         self._wake()
         if self._write_waiter is not None and not self._write_waiter.done():
             self._write_waiter.set_result(None)  # the next write raises

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import tracemalloc
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.state import STATE
 from tests.conftest import (
     SSE,
     STEP,
@@ -250,3 +252,40 @@ async def test_streams_past_the_maximum_duration_are_cut(
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(keep_busy(), STEP)
     await step(upstream.disconnected.wait())
+
+
+@pytest.mark.parametrize("ending", ["completed", "client_left", "upstream_cut"])
+async def test_a_finished_stream_leaves_no_cycles_for_the_collector(
+    upstream: FakeUpstream, relay: Relay, ending: str
+) -> None:
+    """However a stream ends, its objects are freed by reference counting: none of the
+    relay's are left in cycles (a full collection walks them all and stalls every stream)."""
+    gc.collect()
+    flags = gc.get_debug()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # keep what the collector finds, to look at it
+    try:
+        feed = upstream.stream()
+        response = await step(relay.client.post(STREAM, data=b"{}"))
+        feed.send(b"data: 1\n\n")
+        await step(response.content.readexactly(9))
+        if ending == "completed":
+            feed.end()
+            await step(read_all(response))
+        elif ending == "client_left":
+            response.close()
+            await step(upstream.disconnected.wait())
+        else:
+            feed.abort()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await step(read_all(response))
+        assert await relay.app[STATE].wait_streams_closed(STEP)
+        gc.collect()
+        cycles = [
+            type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("relay")
+        ]
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(flags)
+        gc.enable()
+    assert cycles == []

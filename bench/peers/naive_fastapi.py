@@ -5,8 +5,9 @@ common shape, not a tuned one, with two exceptions so it can take part at all: t
 pool has no connection cap (the default of 100 would queue every stream past the 100th),
 and the query string is forwarded (the benchmark's fake upstream reads it).
 
-Run by the harness as ``uvicorn bench.peers.naive_fastapi:app`` (uvloop is installed, so
-uvicorn uses it; its HTTP parser is h11, as httptools is not in the ``bench`` extra).
+Run by the harness as ``uvicorn bench.peers.naive_fastapi:app``. uvloop and httptools are
+installed (httptools as a dependency of the relay), so uvicorn uses both, as it does when
+installed as ``uvicorn[standard]``, the way tutorials install it.
 """
 
 from __future__ import annotations
