@@ -1,8 +1,10 @@
-"""``python -m bench.profile``: py-spy on the relay's per-chunk path under the W2 fan-out.
+"""``python -m bench.profile``: py-spy on the relay under the W2 fan-out (the per-chunk path)
+or, with ``--workload w5``, under W5's new requests (the per-request path).
 
 Starts the fake upstream and the relay (full metrics) pinned as in ``python -m bench``,
-samples the relay with ``py-spy record`` while W2 runs, and writes the collapsed stacks and
-a summary (self and inclusive share per function) to ``bench/results/profile-w2.*``.
+samples the relay with ``py-spy record`` while the workload runs, and writes the collapsed
+stacks and a summary (self and inclusive share per function) to
+``bench/results/profile-{w2,w5}.*``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from bench.harness import RESULTS, _cpus
 from bench.systems import pin, raise_nofile, start_relay, start_upstream
-from bench.workloads import Target, w2_fanout
+from bench.workloads import Target, w2_fanout, w5_ttfb
 
 
 def summarise(collapsed: Path, top: int = 40) -> str:
@@ -44,13 +46,18 @@ def summarise(collapsed: Path, top: int = 40) -> str:
     return "\n".join(out) + "\n"
 
 
-async def _load(target: Target, streams: int, seconds: float) -> None:
-    print(await w2_fanout(target, streams=streams, rate=20.0, seconds=seconds), flush=True)
+async def _load(target: Target, workload: str, streams: int, seconds: float) -> None:
+    if workload == "w5":
+        result = await w5_ttfb(target, rate=200.0, count=int(seconds * 200))
+    else:
+        result = await w2_fanout(target, streams=streams, rate=20.0, seconds=seconds)
+    print(result, flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--workload", choices=("w2", "w5"), default="w2")
+    parser.add_argument("--streams", type=int, default=500, help="W2's streams")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -63,7 +70,7 @@ def main() -> int:
     rig, sut = _cpus()
     pin(rig)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "profile-w2-gc-tuned" if args.gc_tuned else "profile-w2"
+    stem = f"profile-{args.workload}" + ("-gc-tuned" if args.gc_tuned else "")
     collapsed = args.out / f"{stem}.collapsed.txt"
     with tempfile.TemporaryDirectory(prefix="relay-profile-") as tmp:
         upstream, upstream_port = start_upstream(Path(tmp), rig)
@@ -87,7 +94,7 @@ def main() -> int:
             target = Target(relay.port, relay, upstream_port, upstream.pid)
             import uvloop
 
-            uvloop.run(_load(target, args.streams, args.seconds))
+            uvloop.run(_load(target, args.workload, args.streams, args.seconds))
             spy.wait(60)
         finally:
             relay.stop()

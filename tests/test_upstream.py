@@ -134,43 +134,39 @@ async def test_chunked_body_arrives_chunk_by_chunk_and_the_connection_is_reused(
     assert len(server.requests) == 3
 
 
-async def test_content_length_body_completes_and_pools(
-    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+@pytest.mark.parametrize(
+    ("parts", "keep", "body", "connections"),
+    [
+        pytest.param(
+            (b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\n", b"abcd"),
+            True, b"abcd", 1, id="content-length-kept",
+        ),
+        pytest.param(
+            (b"HTTP/1.1 201 Created\r\n\r\n", b"all of it"),
+            False, b"all of it", 2, id="delimited-by-close",
+        ),
+        pytest.param(
+            (b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",),
+            True, b"ok", 2, id="connection-close-honoured",
+        ),
+    ],
+)  # fmt: skip
+async def test_framing_ends_the_body_and_decides_reuse(
+    wire: Callable[..., Awaitable[WireServer]],
+    pool: Upstreams,
+    parts: tuple[bytes, ...],
+    keep: bool,
+    body: bytes,
+    connections: int,
 ) -> None:
-    """A body framed by Content-Length completes at its length, and the socket is kept."""
-    server = await wire(answer(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\n", b"abcd"))
-    connection, chunks = await fetch(pool, server.url)
-    assert (connection.status, connection.reason, b"".join(chunks)) == (201, "Created", b"abcd")
-    connection.release()
-    connection, _ = await fetch(pool, server.url)
-    connection.release()
-    assert server.connections == 1
-
-
-async def test_body_delimited_by_close_completes_at_eof_and_is_not_pooled(
-    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
-) -> None:
-    """Without Content-Length or chunking the body ends with the connection: complete, not reused."""
-    server = await wire(answer(b"HTTP/1.1 200 OK\r\n\r\n", b"all of it", keep=False))
-    connection, chunks = await fetch(pool, server.url)
-    assert b"".join(chunks) == b"all of it"
-    connection.release()
-    connection, _ = await fetch(pool, server.url)
-    connection.release()
-    assert server.connections == 2
-
-
-async def test_connection_close_is_honoured(
-    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
-) -> None:
-    """A response saying Connection: close is never followed by a request on that socket."""
-    server = await wire(
-        answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
-    )
+    """The body ends where its framing says; only a socket the response keeps alive is reused
+    (a body delimited by the close, or Connection: close, means a new socket next time)."""
+    server = await wire(answer(*parts, keep=keep))
     for _ in range(2):
-        connection, _ = await fetch(pool, server.url)
+        connection, chunks = await fetch(pool, server.url)
+        assert (connection.status, connection.reason, b"".join(chunks)) == (201, "Created", body)
         connection.release()
-    assert server.connections == 2
+    assert server.connections == connections
 
 
 async def test_a_body_cut_mid_chunk_raises_upstream_closed(
