@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from relay.connection import MAX_HEAD_BYTES, UPLOAD_CHUNK, Connection, UpstreamClosed
-from relay.errors import UpstreamUnavailable
+from relay.errors import UpstreamTimeout, UpstreamUnavailable
 from relay.upstream import Upstreams, _request_head
 from tests.conftest import step
 
@@ -205,6 +205,23 @@ async def test_an_invalid_or_missing_response_is_upstream_unavailable(
     with pytest.raises(UpstreamUnavailable) as caught:
         await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
     assert caught.value.status == 502
+
+
+async def test_a_connect_that_never_completes_is_upstream_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection attempt the network never answers is the relay's 504 at the deadline."""
+    loop = asyncio.get_running_loop()
+    never: asyncio.Future[None] = loop.create_future()
+
+    async def hang(*_: object, **__: object) -> None:
+        await never
+
+    monkeypatch.setattr(loop, "create_connection", hang)
+    pool = Upstreams(connect_timeout=0.05)
+    with pytest.raises(UpstreamTimeout) as caught:
+        await step(pool.request("GET", URL("http://127.0.0.1:9/"), CIMultiDict(), b"", 0))
+    assert caught.value.status == 504
 
 
 async def test_an_interim_1xx_response_is_skipped(
