@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 from typing import IO
 
@@ -20,6 +21,7 @@ from relay.connection import Connection, Origin, UpstreamClosed, UpstreamProtoco
 from relay.errors import UpstreamTimeout, UpstreamUnavailable
 
 KEEPALIVE_SECONDS = 30.0  # an idle pooled connection is closed after this
+DNS_TTL_SECONDS = 60.0  # how long resolved upstream addresses are reused
 MAX_IDLE_PER_ORIGIN = 256  # idle connections kept per upstream; the rest close when released
 IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
 _UNSAFE = re.compile(r"[\r\n\0]")
@@ -44,6 +46,7 @@ class Upstreams:
         self._keepalive = keepalive
         self._ssl_context = ssl_context
         self._idle: dict[Origin, list[Connection]] = {}
+        self._resolved: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
@@ -137,18 +140,38 @@ class Upstreams:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: Connection(self, origin),
-                    host,
-                    port,
-                    ssl=tls,
-                    server_hostname=host if tls else None,
-                )
+                addresses = await self._resolve(host, port)
+                for address in addresses:  # in the resolver's order, the next on a refusal
+                    try:
+                        _, connection = await loop.create_connection(
+                            lambda: Connection(self, origin),
+                            address,
+                            port,
+                            ssl=tls,
+                            server_hostname=host if tls else None,
+                        )
+                        return connection
+                    except OSError:
+                        if address == addresses[-1]:
+                            raise
         except TimeoutError:
             raise UpstreamTimeout("upstream did not accept a connection in time") from None
         except OSError as exc:  # refused, unreachable, DNS, TLS verification
+            self._resolved.pop((host, port), None)
             raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
-        return connection
+        raise UpstreamUnavailable("upstream unavailable (no address)")
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        """The upstream's addresses, cached for ``DNS_TTL_SECONDS``: new connections come in
+        bursts (a reconnect, a wave of streams), and each would otherwise ask the resolver."""
+        loop = asyncio.get_running_loop()
+        cached = self._resolved.get((host, port))
+        if cached is not None and cached[0] > loop.time():
+            return cached[1]
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        self._resolved[(host, port)] = (loop.time() + DNS_TTL_SECONDS, addresses)
+        return addresses
 
 
 def _resendable(method: str, body: bytes | IO[bytes]) -> bool:

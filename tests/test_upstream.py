@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -205,6 +206,36 @@ async def test_an_invalid_or_missing_response_is_upstream_unavailable(
     with pytest.raises(UpstreamUnavailable) as caught:
         await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
     assert caught.value.status == 502
+
+
+async def test_addresses_are_resolved_once_and_tried_in_order(
+    wire: Callable[..., Awaitable[WireServer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New connections reuse the resolved addresses, and a refusing address gives way to the
+    next one."""
+    server = await wire(
+        answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    )
+    port = URL(server.url).port
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+
+    async def resolve(host: str, *_: object, **__: object) -> list[tuple[object, ...]]:
+        lookups.append(host)
+        refusing, listening = ("127.0.0.2", port), ("127.0.0.1", port)  # the server: .1 only
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", refusing),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", listening),
+        ]
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    pool = Upstreams(connect_timeout=5)
+    for _ in range(3):
+        connection, chunks = await fetch(pool, server.url)
+        assert b"".join(chunks) == b"ok"
+        connection.release()
+    await pool.close()
+    assert (lookups, server.connections) == (["localhost"], 3)
 
 
 async def test_a_connect_that_never_completes_is_upstream_timeout(
