@@ -252,7 +252,7 @@ class Connection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:  # a sink raised: a bug, keep it
+        except httptools.HttpParserCallbackError as exc:  # ours, or a sink's (a bug): keep it
             self._fail(exc.__context__ or exc)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid response ({type(exc).__name__})"))
@@ -294,6 +294,10 @@ class Connection(asyncio.Protocol):
         )
 
     # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second response to one request: never let it answer the next
+            raise UpstreamProtocolError("bytes after the response")
 
     def on_status(self, status: bytes) -> None:
         self._reason += status

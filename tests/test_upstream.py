@@ -255,6 +255,20 @@ async def test_a_connect_that_never_completes_is_upstream_timeout(
     assert caught.value.status == 504
 
 
+async def test_a_second_response_in_the_same_packet_is_never_taken_for_the_next(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """Bytes after a complete response (here a whole extra response) make the connection
+    unusable: the next request gets a new socket and its own answer, not the stray one."""
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+    server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + stray))
+    for _ in range(2):
+        connection, chunks = await fetch(pool, server.url)
+        assert b"".join(chunks) == b"ok"
+        connection.release()
+    assert server.connections == 2
+
+
 async def test_an_interim_1xx_response_is_skipped(
     wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
 ) -> None:
