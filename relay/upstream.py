@@ -95,24 +95,23 @@ class Upstreams:
             self._sweeper = loop.call_later(self._keepalive, self._sweep)
 
     def discard(self, connection: Connection) -> None:
-        idle = self._idle.get(connection.origin)
-        if idle and connection in idle:
-            idle.remove(connection)
+        """A connection closed: if it was waiting in the pool, it no longer is."""
+        if connection.pooled:
+            connection.pooled = False
+            self._idle[connection.origin].remove(connection)  # it is there while pooled
 
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for idle in list(self._idle.values()):
-            for connection in list(idle):
-                connection.close()
-        self._idle.clear()
+        for idle in self._idle.values():
+            while idle:
+                _unpooled(idle.pop()).close()
 
     def _checkout(self, origin: Origin) -> Connection | None:
         idle = self._idle.get(origin)
         while idle:
-            connection = idle.pop()  # the most recently used: the least likely to be stale
-            connection.pooled = False
+            connection = _unpooled(idle.pop())  # the most recent: the least likely stale
             if connection.usable:
                 return connection
         return None
@@ -125,7 +124,7 @@ class Upstreams:
         remaining = False
         for idle in self._idle.values():
             while idle and idle[0].idle_since <= expired_before:
-                idle.pop(0).close()
+                _unpooled(idle.pop(0)).close()
             remaining = remaining or bool(idle)
         if remaining:
             self._sweeper = loop.call_later(self._keepalive / 2, self._sweep)
@@ -172,6 +171,11 @@ class Upstreams:
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         self._resolved[(host, port)] = (loop.time() + DNS_TTL_SECONDS, addresses)
         return addresses
+
+
+def _unpooled(connection: Connection) -> Connection:
+    connection.pooled = False
+    return connection
 
 
 def _resendable(method: str, body: bytes | IO[bytes]) -> bool:

@@ -235,3 +235,15 @@ def require_program(name: str) -> str:
 
 async def read_all(response: aiohttp.ClientResponse) -> bytes:
     return bytes(await step(response.content.read()))
+
+
+@pytest.fixture(autouse=True)
+async def loop_errors_fail_the_test() -> AsyncIterator[None]:
+    """A callback that raises inside the event loop (in ``connection_lost``, say) is only
+    logged by asyncio; here it fails the test that caused it."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    yield
+    loop.set_exception_handler(None)
+    assert not errors, [context.get("message") for context in errors]

@@ -321,6 +321,28 @@ async def test_a_post_is_never_resent(
     assert server.connections == 1
 
 
+async def test_a_pooled_connection_the_upstream_closes_leaves_the_pool(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle connection the upstream closes is dropped when it closes, so the next request,
+    even a POST (never resent), goes out on a new socket and is answered."""
+    server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", keep=False))
+    gone = asyncio.Event()
+    discard = pool.discard
+
+    def discard_and_tell(connection: Connection) -> None:
+        discard(connection)
+        gone.set()
+
+    monkeypatch.setattr(pool, "discard", discard_and_tell)
+    connection, _ = await fetch(pool, server.url)
+    connection.release()
+    await step(gone.wait())
+    connection, chunks = await fetch(pool, server.url)
+    assert b"".join(chunks) == b"ok"
+    assert server.connections == 2
+
+
 async def test_pause_stops_delivery_until_resume(
     wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
 ) -> None:
