@@ -13,6 +13,7 @@ import asyncio
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import IO
 
 import structlog
@@ -70,9 +71,10 @@ async def relay(request: web.Request) -> web.StreamResponse:
         raise ShuttingDown("the relay is shutting down", retry_after=1)
 
     lease = await state.gate.admit(principal, target, len(state.streams))
-    body: Body = b""
+    spool: IO[bytes] | None = None
     try:
         body, size, model = await _read_body(request, route, target, state.config.max_body_bytes)
+        spool = None if isinstance(body, bytes) else body
         if model != policy.POLLING_MODEL:
             exchange.requested_model = model
             allowlist = state.router.allowlists[route.name]
@@ -82,22 +84,42 @@ async def relay(request: web.Request) -> web.StreamResponse:
         if target.task_id is not None:
             await state.gate.check_owner(principal, target.task_id)
         exchange.bytes_in = size
-        url = URL(route.upstream + target.path + _query(target.query), encoded=True)
-        upstream_headers = headers.upstream_request_headers(
-            request.headers,
-            auth_header=route.auth_header,
-            auth_value=route.auth_value,
-            request_id=exchange.request_id,
+        outgoing = Outgoing(
+            URL(route.upstream + target.path + _query(target.query), encoded=True),
+            headers.upstream_request_headers(
+                request.headers,
+                auth_header=route.auth_header,
+                auth_value=route.auth_value,
+                request_id=exchange.request_id,
+            ),
+            body,
+            size,
         )
+        del body  # the outgoing request holds it, and only until it is sent
         owner = principal if target.route == "submit" else None
-        return await _stream(
-            request, state, route, exchange, url, upstream_headers, body, size, owner
-        )
+        return await _stream(request, state, route, exchange, outgoing, owner)
     finally:
         if lease is not None:
             state.store.release(principal.id, lease)
-        if not isinstance(body, bytes):
-            body.close()
+        if spool is not None:
+            spool.close()
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """The request for the upstream, kept only until it is sent: a stream can outlive its
+    request body (up to ``RELAY_MAX_BODY_BYTES``, or a spooled upload) by hours."""
+
+    url: URL
+    headers: CIMultiDict[str]
+    body: Body
+    size: int
+
+    def sent(self) -> None:
+        if not isinstance(self.body, bytes):
+            self.body.close()
+        self.body = b""
+        self.headers.clear()
 
 
 async def _read_body(
@@ -173,10 +195,7 @@ async def _stream(
     state: AppState,
     route: Route,
     exchange: Exchange,
-    url: URL,
-    upstream_headers: CIMultiDict[str],
-    body: Body,
-    size: int,
+    outgoing: Outgoing,
     owner: Principal | None,
 ) -> web.StreamResponse:
     config = state.config
@@ -199,8 +218,9 @@ async def _stream(
         if exchange.bytes_in:
             meters.bytes_in.inc(exchange.bytes_in)
         upstream = await state.upstream_pool.request(
-            request.method, url, upstream_headers, body, size
+            request.method, outgoing.url, outgoing.headers, outgoing.body, outgoing.size
         )
+        outgoing.sent()
         exchange.status = upstream.status
         watchdog.streaming(asyncio.get_running_loop().time())
         response = web.StreamResponse(

@@ -289,3 +289,25 @@ async def test_a_finished_stream_leaves_no_cycles_for_the_collector(
         gc.set_debug(flags)
         gc.enable()
     assert cycles == []
+
+
+async def test_a_stream_lets_go_of_its_request_body_once_sent(
+    upstream: FakeUpstream, relay: Relay
+) -> None:
+    """A large request body is not kept for the life of the stream it started."""
+    body = b'{"prompt": "' + b"x" * 900_000 + b'"}'
+    feed = upstream.stream()
+    tracemalloc.start()
+    try:
+        response = await step(relay.client.post(STREAM, data=body))
+        feed.send(b"data: 1\n\n")
+        await step(response.content.readexactly(9))
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = [
+        stat
+        for stat in snapshot.statistics("lineno")
+        if stat.size >= len(body) and "/relay/" in stat.traceback[0].filename
+    ]
+    assert held == []
