@@ -31,6 +31,8 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        if " " not in text and text.isprintable():  # no whitespace at all: nothing bearer-
+            return text  # shaped (most values: ids, routes, models), and no regex to run
         return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
 
     def _value(self, value: Any) -> Any:

@@ -158,3 +158,21 @@ def test_console_format_is_human_readable() -> None:
     assert FAKE_KEY not in line
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("Bearer abc.def", "Bearer [REDACTED]"),
+        ("x\tbasic\tQWxhZGRpbjo=", "x\tbasic [REDACTED]"),
+        ("Bearer\u00a0abc", "Bearer [REDACTED]"),  # a no-break space is whitespace too
+        ("bearer\nabc", "bearer [REDACTED]"),
+        ("key sk-test-FAKE-0123456789abcdef here", "key [REDACTED] here"),
+        ("ip:127.0.0.1", "ip:127.0.0.1"),
+        ("wavespeed-ai/any-llm", "wavespeed-ai/any-llm"),
+    ],
+)
+def test_redaction_table(text: str, scrubbed: str) -> None:
+    """Secrets and bearer-shaped credentials go whatever whitespace separates them; other
+    values pass unchanged."""
+    assert log.Redactor([FAKE_KEY]).scrub(text) == scrubbed
