@@ -1,6 +1,6 @@
 """The only place bytes move from the upstream to the client.
 
-No loop and no queue: the upstream connection (:mod:`relay.upstream`) calls a
+No loop and no queue: the upstream connection (:mod:`relay.connection`) calls a
 :class:`Forwarder` with each body chunk from inside its socket callback, and the forwarder
 writes the chunk to the client's transport before it returns. Nothing is read ahead: the
 write is the backpressure. Once the client's transport is full, the forwarder pauses the
@@ -209,8 +209,10 @@ class Heartbeat:
     Heartbeats do not count as upstream progress, so they never hold off the idle deadline.
     """
 
-    __slots__ = ("_events", "_every", "_exchange", "_forward", "_handle", "_loop", "_sent",
-                 "_upstream", "_watchdog")  # fmt: skip
+    __slots__ = (
+        "_events", "_every", "_exchange", "_forward", "_handle", "_loop", "_sent", "_upstream",
+        "_watchdog",
+    )  # fmt: skip
 
     def __init__(
         self,
