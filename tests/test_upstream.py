@@ -90,8 +90,8 @@ CHUNKED = (
 async def wire() -> AsyncIterator[Callable[..., Awaitable[WireServer]]]:
     servers: list[WireServer] = []
 
-    async def start(script: Script, **kwargs: object) -> WireServer:
-        server = WireServer(script, **kwargs)  # type: ignore[arg-type]
+    async def start(script: Script, tls: ssl.SSLContext | None = None) -> WireServer:
+        server = WireServer(script, ssl=tls)
         await server.start()
         servers.append(server)
         return server
@@ -415,7 +415,7 @@ async def test_tls_upstream_is_verified(wire: Callable[..., Awaitable[WireServer
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("localhost").configure_cert(server_context)
     server = await wire(
-        answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret"), ssl=server_context
+        answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret"), tls=server_context
     )
     trusting = ssl.create_default_context()
     authority.configure_trust(trusting)
