@@ -210,6 +210,13 @@ class Run:
                     numbers = [v for v in values if isinstance(v, int | float)]
                     if key == "identical":  # byte identity must hold in every round
                         merged[key] = min(numbers) if numbers else None
+                    elif key == "window":  # steady only if every round was
+                        saturated = sum(v != "steady" for v in values)
+                        merged[key] = (
+                            f"saturated in {saturated} of {len(values)} rounds"
+                            if saturated
+                            else "steady"
+                        )
                     elif numbers and len(numbers) == len(values):
                         merged[key] = statistics.median(numbers)
                     else:
