@@ -188,6 +188,17 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, timeout
     raise RuntimeError(f"not listening on {port} after {timeout}s: {log.read_text()[-2000:]}")
 
 
+def _listening(system: System, log: Path, timeout: float) -> System:
+    """``system`` once its port accepts connections; stopped, and the error raised, if not."""
+    assert system.proc is not None
+    try:
+        _wait_listening(system.port, system.proc, log, timeout)
+    except Exception:
+        system.stop()
+        raise
+    return system
+
+
 def _spawn(
     name: str, argv: list[str], env: dict[str, str], workdir: Path, cpu: int | None
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -241,13 +252,7 @@ def start_relay(
     argv = [sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off"]
     argv += extra_args
     proc, log = _spawn(name, argv, env, workdir, cpu)
-    system = System(name, port, proc, workdir, stats_file=stats)
-    try:
-        _wait_listening(port, proc, log, 30)
-    except Exception:
-        system.stop()
-        raise
-    return system
+    return _listening(System(name, port, proc, workdir, stats_file=stats), log, 30)
 
 
 def start_naive(upstream_port: int, workdir: Path, cpu: int | None) -> System:
@@ -267,13 +272,7 @@ def start_naive(upstream_port: int, workdir: Path, cpu: int | None) -> System:
         "4096",
     ]
     proc, log = _spawn("naive", argv, env, workdir, cpu)
-    system = System("naive", port, proc, workdir)
-    try:
-        _wait_listening(port, proc, log, 30)
-    except Exception:
-        system.stop()
-        raise
-    return system
+    return _listening(System("naive", port, proc, workdir), log, 30)
 
 
 def nginx_binary() -> str | None:
@@ -297,13 +296,7 @@ def start_nginx(upstream_port: int, workdir: Path, cpu: int | None) -> System:
     conf_path.write_text(conf)
     argv = [binary, "-p", str(prefix), "-c", str(conf_path)]
     proc, log = _spawn("nginx", argv, dict(os.environ), workdir, cpu)
-    system = System("nginx", port, proc, workdir, measure_children=True)
-    try:
-        _wait_listening(port, proc, log, 10)
-    except Exception:
-        system.stop()
-        raise
-    return system
+    return _listening(System("nginx", port, proc, workdir, measure_children=True), log, 10)
 
 
 def start_upstream(workdir: Path, cpu: int | None) -> tuple[subprocess.Popen[bytes], int]:

@@ -239,7 +239,6 @@ async def w4_idle(
 ) -> Metrics:
     """Open ``streams`` idle streams within ``budget`` seconds; RSS per stream held."""
     assert target.system is not None
-    loop = asyncio.get_running_loop()
     request = request_bytes(target.port, "mode=sse&n=1&hold=1&pad=40")
     open_before = int((await _upstream_stats(target))["open_streams"])  # type: ignore[call-overload]
     rss0, fds0 = target.system.rss(), target.system.fds()
@@ -249,16 +248,8 @@ async def w4_idle(
 
     async def one() -> None:
         async with gate:
-            first: asyncio.Future[None] = loop.create_future()
-
-            def flowing(_: Stream) -> None:
-                if not first.done():
-                    first.set_result(None)
-
             try:
-                stream = await open_stream(
-                    target.port, request, events=EventSink(), on_first_event=flowing
-                )
+                stream, first = await _open_flowing(target.port, request)
             except OSError as exc:
                 errors.append(type(exc).__name__)
                 return
@@ -331,7 +322,6 @@ async def w5_ttfb(target: Target, *, rate: float, count: int) -> Metrics:
 async def _abort_many(
     target: Target, count: int, concurrency: int, tag: str, aborted: dict[str, int]
 ) -> int:
-    loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     failed = 0
 
@@ -340,16 +330,8 @@ async def _abort_many(
         key = f"{tag}-{i}"
         request = request_bytes(target.port, f"mode=sse&n=0&rate=50&pad=40&id={key}")
         async with gate:
-            first: asyncio.Future[None] = loop.create_future()
-
-            def flowing(_: Stream) -> None:
-                if not first.done():
-                    first.set_result(None)
-
             try:
-                stream = await open_stream(
-                    target.port, request, events=EventSink(), on_first_event=flowing
-                )
+                stream, first = await _open_flowing(target.port, request)
                 await asyncio.wait_for(first, 30)
             except (OSError, TimeoutError):
                 failed += 1
@@ -359,6 +341,18 @@ async def _abort_many(
 
     await asyncio.gather(*[asyncio.ensure_future(one(i)) for i in range(count)])
     return failed
+
+
+async def _open_flowing(port: int, request: bytes) -> tuple[Stream, asyncio.Future[None]]:
+    """Open a stream; the future resolves when its first event arrives."""
+    first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def flowing(_: Stream) -> None:
+        if not first.done():
+            first.set_result(None)
+
+    stream = await open_stream(port, request, events=EventSink(), on_first_event=flowing)
+    return stream, first
 
 
 async def w7_churn(target: Target, *, aborts: int, concurrency: int = 50) -> Metrics:
