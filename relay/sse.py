@@ -60,9 +60,20 @@ class SseTap:
         return not self._pending
 
     def __call__(self, chunk: bytes) -> None:
-        # bytes.find, not ``in``: on CPython 3.11 ``x in bytes`` first tries x as an integer
-        # and pays for the TypeError, twice the cost of the search itself.
-        if chunk.find(b"\r") != -1:  # CRLF and CR line ends, for the tap's eyes only
+        # The usual chunk is one whole plain event: settle it with a few C calls. On CPython
+        # 3.11 ``bytes.partition`` is the cheapest search there is (about 40 ns; ``find``
+        # parses its arguments the slow way and costs twice that, ``in`` more still).
+        if not self._pending:
+            event, boundary, rest = chunk.partition(b"\n\n")
+            if boundary and not rest and not event.partition(b"\r")[1] and not _marked(event):
+                if event[:4] == b"data" or event.partition(b"\ndata")[1]:
+                    self.events += 1
+                return
+        self._general(chunk)
+
+    def _general(self, chunk: bytes) -> None:
+        """Any chunk: CR line ends, several events, a part of one, terminal markers."""
+        if chunk.partition(b"\r")[1]:  # CRLF and CR line ends, for the tap's eyes only
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         data = self._pending + chunk if self._pending else chunk
         end = data.rfind(b"\n\n")
@@ -71,23 +82,24 @@ class SseTap:
             return
         self._pending = _bounded(data[end + 2 :]) if end + 2 < len(data) else b""
         whole = data[:end]  # every event this chunk completes
-        # Most chunks carry no terminal: one look for the markers per chunk, not per event.
-        marked = (
-            whole.find(b"[DONE]") != -1
-            or whole.find(b'"complete"') != -1
-            or whole.find(b'"error"') != -1
-            or whole.find(b"base_resp") != -1
-        )
-        if not marked and whole.find(b"\n\n") == -1:  # the usual chunk: one plain event
-            if whole.startswith(b"data") or whole.find(b"\ndata") != -1:
-                self.events += 1
-            return
+        marked = _marked(whole)  # one look for the markers per chunk, not per event
         for event in whole.split(b"\n\n"):
-            if not (event.startswith(b"data") or event.find(b"\ndata") != -1):
+            if not (event[:4] == b"data" or event.partition(b"\ndata")[1]):
                 continue  # comments and field-only blocks dispatch no event
             self.events += 1
             if marked and (kind := classify(event)) is not None:
                 self.terminal = kind
+
+
+def _marked(events: bytes) -> bytes:
+    """Whether ``events`` may hold a terminal event (non-empty when so): a cheap look for
+    the byte strings every terminal carries, before :func:`classify` runs its patterns."""
+    return (
+        events.partition(b"[DONE]")[1]
+        or events.partition(b'"complete"')[1]
+        or events.partition(b'"error"')[1]
+        or events.partition(b"base_resp")[1]
+    )
 
 
 def _bounded(rest: bytes) -> bytes:

@@ -86,3 +86,34 @@ def test_an_oversized_event_is_bounded_and_still_classified() -> None:
         assert len(tap._pending) <= HEAD + TAIL
     tap(b'","status":2},"base_resp":{"status_code":0}}\n\n')
     assert (tap.events, tap.terminal) == (1, "complete")
+
+
+EVENTS = [
+    b'data: {"type":"progress","percentage":5}',
+    b'data: {"type":"complete","outputs":[]}',
+    b'data: {"type":"error","error":"boom"}',
+    b'data: {"text":"the word complete"}',
+    b"data: [DONE]",
+    b"data:[DONE]",
+    b": a comment",
+    b"event: ping",
+    b"id: 7\ndata: two lines\ndata: of data",
+    b"data",
+    b"\ndata: after a blank line",
+    b"data: cr\r\ndata: lines",
+    MINIMAX_AUDIO,
+    MINIMAX_FINAL,
+    MINIMAX_ERROR,
+]
+
+
+@given(events=st.lists(st.sampled_from(EVENTS), max_size=12))
+def test_one_chunk_per_event_reads_like_one_chunk_for_all(events: list[bytes]) -> None:
+    """The shortcut for a chunk holding exactly one event agrees with the general path."""
+    per_event, at_once = SseTap(), SseTap()
+    for event in events:
+        per_event(event + b"\n\n")
+    at_once(b"".join(event + b"\n\n" for event in events))
+    assert (per_event.events, per_event.terminal) == (at_once.events, at_once.terminal)
+    assert per_event.at_boundary
+    assert at_once.at_boundary
