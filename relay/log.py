@@ -45,7 +45,14 @@ class Redactor:
         return value
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-        return {k: self._value(v) for k, v in event_dict.items()}
+        # In place: structlog hands each processor chain a fresh dict. Most values of the
+        # canonical record are numbers, which need no look at all.
+        for key, value in event_dict.items():
+            if isinstance(value, str):
+                event_dict[key] = self.scrub(value)
+            elif isinstance(value, dict | list | tuple):
+                event_dict[key] = self._value(value)
+        return event_dict
 
 
 class _Output:

@@ -7,13 +7,17 @@ import io
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import openai
 import pytest
 
 from relay.config import ConfigError, load_config
+from relay.exchange import Exchange
+from relay.pump import HEARTBEAT, Heartbeat
 from relay.routes import Route
+from relay.sse import SseTap
 from relay.state import STATE
 from tests.conftest import FAKE_KEY, SSE, STEP, FakeUpstream, Relay, RelayFactory, read_all, step
 
@@ -354,6 +358,29 @@ async def test_heartbeats_never_enter_audio(
     feed.send(b"\x02")
     feed.end()
     assert await read_all(response) == b"\x02"
+
+
+async def test_no_heartbeat_while_the_client_is_not_reading() -> None:
+    """A heartbeat that falls due while the client's transport is full is skipped, not
+    queued behind the events the client has yet to read; the next one goes out."""
+    written: list[bytes] = []
+    forward = SimpleNamespace(write=lambda data: written.append(data) or True)
+    upstream = SimpleNamespace(needs_drain=True)  # the forwarder paused it: client full
+    exchange = Exchange(request_id="r", client="c", started=0.0)
+    watchdog = SimpleNamespace(last=0.0)
+    every = 0.0  # always due; the test fires the timer's callback itself
+    heartbeat = Heartbeat(every, forward, upstream, SseTap(), exchange, watchdog)  # type: ignore[arg-type]
+    heartbeat.stop()
+    try:
+        heartbeat._beat()
+        heartbeat.stop()
+        assert written == []
+        upstream.needs_drain = False  # the client drained
+        heartbeat._beat()
+        assert written == [HEARTBEAT]
+        assert exchange.heartbeats == 1
+    finally:
+        heartbeat.stop()
 
 
 def test_routes_from_toml_with_every_problem_named(tmp_path: Path) -> None:
