@@ -17,6 +17,7 @@ fires. :class:`Heartbeat` keeps quiet event streams alive the same way.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,6 +34,12 @@ from relay.metrics import StreamMeters
 from relay.sse import SseTap
 
 ChunkTap = Callable[[bytes], None]
+
+# CPython 3.12.0 to 3.12.8 and 3.13.0 to 3.13.1: asyncio's own socket transport never pauses
+# its protocol from ``writelines`` (CVE-2024-12254, gh-127655), so a client that stops
+# reading would make the relay buffer without bound. uvloop's transports are not affected.
+_WRITELINES_FIXED_IN = {(3, 12): (3, 12, 9), (3, 13): (3, 13, 2)}
+_WRITELINES_UNSAFE = sys.version_info < _WRITELINES_FIXED_IN.get(sys.version_info[:2], (0,))
 
 
 class Watchdog:
@@ -117,8 +124,8 @@ class Forwarder:
     """
 
     __slots__ = (
-        "_chunked", "_exchange", "_protocol", "_record", "_tap", "_transport", "_upstream",
-        "_watchdog",
+        "_chunked", "_exchange", "_protocol", "_record", "_small", "_tap", "_transport",
+        "_upstream", "_watchdog",
     )  # fmt: skip
 
     SMALL = 4096  # below this a chunk is framed into one buffer; above, written as three
@@ -138,6 +145,10 @@ class Forwarder:
         self._transport = transport
         self._protocol = protocol
         self._chunked = getattr(request.writer, "chunked", False)
+        # Where writelines would not pause the client's protocol, every chunk is framed
+        # into one buffer (a copy of the chunk) and written with write(), which does.
+        unsafe = _WRITELINES_UNSAFE and not type(transport).__module__.startswith("uvloop")
+        self._small = sys.maxsize if unsafe else self.SMALL
         self._upstream = upstream
         self._exchange = exchange
         self._record = meters.chunk
@@ -153,7 +164,7 @@ class Forwarder:
         size = len(chunk)
         if not self._chunked:
             transport.write(chunk)
-        elif size < self.SMALL:
+        elif size < self._small:
             transport.write(b"%x\r\n%b\r\n" % (size, chunk))
         else:
             transport.writelines((b"%x\r\n" % size, chunk, b"\r\n"))
@@ -176,7 +187,7 @@ class Forwarder:
             return False
         if not self._chunked:
             transport.write(data)
-        elif len(data) < self.SMALL:
+        elif len(data) < self._small:
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
