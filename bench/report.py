@@ -19,6 +19,7 @@ ROWS: tuple[tuple[str, str, str, str, bool], ...] = (
     ("W2", "p50_us", "W2 fan-out: event delay p50 (us)", "f0", True),
     ("W2", "p99_us", "W2 fan-out: event delay p99 (us)", "f0", True),
     ("W2", "cpu_s_per_1k_events", "W2 fan-out: CPU ms per 1,000 events", "ms", False),
+    ("W2", "user_cpu_s_per_1k_events", "&nbsp;&nbsp;of which user space (ms)", "ms", False),
     ("W2", "delivered_per_s", "W2 fan-out: events/s delivered", "int", False),
     ("W3", "mb_per_s", "W3 bulk: MB/s", "f0", False),
     ("W3", "identical", "W3 bulk: byte-identical (length + CRC-32)", "yn", False),

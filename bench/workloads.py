@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 
 from bench.client import EventSink, Stream, http_json, open_stream, request_bytes
-from bench.systems import System, cpu_seconds
+from bench.systems import System, cpu_seconds, cpu_split
 from bench.upstream import BLOCK_BYTES, bulk_block
 
 Metrics = dict[str, float | int | str | None]
@@ -105,7 +105,8 @@ async def w2_fanout(target: Target, *, streams: int, rate: float, seconds: float
     def sample(tag: str) -> None:
         window[f"{tag}_t"] = time.monotonic()
         window[f"{tag}_events"] = sink.count
-        window[f"{tag}_sut_cpu"] = cpu_seconds(sut_pids)
+        window[f"{tag}_sut_user"], system = cpu_split(sut_pids)
+        window[f"{tag}_sut_cpu"] = window[f"{tag}_sut_user"] + system
         window[f"{tag}_rig_cpu"] = cpu_seconds(rig_pids) + time.process_time()
 
     def first_event(_: Stream) -> None:
@@ -154,6 +155,7 @@ async def w2_fanout(target: Target, *, streams: int, rate: float, seconds: float
     wall = window[f"{last}_t"] - window[f"{first}_t"]
     events = window[f"{last}_events"] - window[f"{first}_events"]
     sut_cpu = window[f"{last}_sut_cpu"] - window[f"{first}_sut_cpu"]
+    sut_user = window[f"{last}_sut_user"] - window[f"{first}_sut_user"]
     rig_cpu = window[f"{last}_rig_cpu"] - window[f"{first}_rig_cpu"]
     delays = sink.delays
     return {
@@ -169,6 +171,9 @@ async def w2_fanout(target: Target, *, streams: int, rate: float, seconds: float
         "p99_us": _us(pct(delays, 0.99)),
         "cpu_s_per_1k_events": (
             round(sut_cpu / events * 1000, 5) if events and target.system else None
+        ),
+        "user_cpu_s_per_1k_events": (
+            round(sut_user / events * 1000, 5) if events and target.system else None
         ),
         "sut_cpu_util": round(sut_cpu / wall, 3) if wall > 0 else None,
         "rig_cpu_util": round(rig_cpu / wall, 3) if wall > 0 else None,
