@@ -206,7 +206,12 @@ def _listening(system: System, log: Path, timeout: float) -> System:
 
 
 def _spawn(
-    name: str, argv: list[str], env: dict[str, str], workdir: Path, cpu: int | None
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    cpu: int | None,
+    cwd: Path = HERE.parent,
 ) -> tuple[subprocess.Popen[bytes], Path]:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
@@ -216,7 +221,7 @@ def _spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=HERE.parent,
+            cwd=cwd,
             preexec_fn=lambda: _preexec(cpu),  # the harness starts no threads
         )
     return proc, log
@@ -250,14 +255,18 @@ def start_relay(
     *,
     metrics: bool,
     extra_args: tuple[str, ...] = (),
+    tree: Path = HERE.parent,
 ) -> System:
+    """The relay as ``bench.relay_server`` runs it, from this checkout or from ``tree`` (a
+    copy of another commit, for ``python -m bench.ab``)."""
     port = free_port()
     stats = workdir / f"{name}.stats.json"
     env = relay_env(upstream_port, port)
     env["BENCH_STATS_FILE"] = str(stats)
+    env["PYTHONPATH"] = str(tree)
     argv = [sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off"]
     argv += extra_args
-    proc, log = _spawn(name, argv, env, workdir, cpu)
+    proc, log = _spawn(name, argv, env, workdir, cpu, cwd=tree)
     return _listening(System(name, port, proc, workdir, stats_file=stats), log, 30)
 
 

@@ -1,0 +1,129 @@
+"""``python -m bench.ab BASE [NEW]``: the relay at two commits, measured side by side.
+
+On a shared machine absolute figures drift by 10 to 20% between runs, more than most
+single changes are worth; a before-and-after comparison is only trustworthy when both are
+measured in the same run, interleaved. This exports each commit with ``git archive`` into
+a temporary directory, and in every round starts the relay from each copy (and nginx,
+when installed, as the yardstick), in shuffled order, pinned as ``python -m bench`` pins
+them. It runs one workload per round and prints each round and the medians:
+
+- ``w2``: CPU ms per 1,000 events under W2's fan-out (500 streams x 20 events/s);
+- ``w5``: W5's time to first byte, p50 added over the direct upstream measured that round.
+
+Both commits must have ``bench/relay_server.py``. NEW defaults to HEAD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import uvloop
+
+from bench.harness import PROFILES, _cpus
+from bench.systems import (
+    HERE,
+    System,
+    nginx_binary,
+    pin,
+    raise_nofile,
+    start_nginx,
+    start_relay,
+    start_upstream,
+)
+from bench.workloads import Target, w2_fanout, w5_ttfb
+
+NGINX = "nginx"
+
+
+def export(commit: str, into: Path) -> Path:
+    """A copy of ``commit``'s tree (no working-tree changes) under ``into``."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", commit],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+async def measure(workload: str, target: Target, upstream: Target) -> float:
+    """W2's CPU per 1,000 events, or W5's p50 added over the direct upstream (run just
+    before it), with ``python -m bench``'s full parameters."""
+    params = PROFILES["full"]
+    if workload == "w2":
+        result = await w2_fanout(target, **params["w2"])
+        return 1000 * result["cpu_s_per_1k_events"]
+    await w5_ttfb(target, rate=params["w5"]["rate"], count=100)  # warm the upstream pool
+    direct = await w5_ttfb(upstream, **params["w5"])
+    result = await w5_ttfb(target, **params["w5"])
+    return float(result["p50_us"] - direct["p50_us"])
+
+
+async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -> None:
+    rig, sut = _cpus()
+    pin(rig)
+    starters: dict[str, Callable[[int], System]] = {
+        name: (lambda port, name=name, tree=tree: start_relay(
+            name, port, workdir, sut, metrics=True, tree=tree
+        ))
+        for name, tree in trees.items()
+    }  # fmt: skip
+    if nginx_binary() is not None:
+        starters[NGINX] = lambda port: start_nginx(port, workdir, sut)
+    upstream, upstream_port = start_upstream(workdir, rig)
+    direct = Target(upstream_port, None, upstream_port, upstream.pid)
+    results: dict[str, list[float]] = {name: [] for name in starters}
+    unit = "ms per 1,000 events" if args.workload == "w2" else "us added TTFB p50"
+    print(f"{args.workload}: {unit}, {args.rounds} rounds", flush=True)
+    try:
+        for round_no in range(args.rounds):
+            order = list(starters)
+            random.shuffle(order)
+            for name in order:
+                system = starters[name](upstream_port)
+                try:
+                    target = Target(system.port, system, upstream_port, upstream.pid)
+                    results[name].append(await measure(args.workload, target, direct))
+                finally:
+                    system.stop()
+            line = "  ".join(f"{name} {values[-1]:8.1f}" for name, values in results.items())
+            print(f"round {round_no + 1}: {line}", flush=True)
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    print("median:  " + "  ".join(f"{name} {value:8.1f}" for name, value in medians.items()))
+    base, new = (medians[name] for name in trees)
+    print(f"new / base: {new / base:.3f}")
+    if NGINX in medians and args.workload == "w2":
+        print(f"vs nginx: base {base / medians[NGINX]:.2f}x, new {new / medians[NGINX]:.2f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
+    parser.add_argument("base", help="the commit to compare against")
+    parser.add_argument("new", nargs="?", default="HEAD", help="the commit to measure")
+    parser.add_argument("--workload", choices=("w2", "w5"), default="w2")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    raise_nofile()
+    with tempfile.TemporaryDirectory(prefix="relay-ab-") as tmp:
+        work = Path(tmp)
+        trees = {
+            f"base:{args.base}": export(args.base, work / "base"),
+            f"new:{args.new}": export(args.new, work / "new"),
+        }
+        uvloop.run(run(args, trees, work))  # the rig runs on uvloop, as in python -m bench
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
