@@ -70,19 +70,18 @@ async def measure(workload: str, target: Target, upstream: Target) -> float:
 async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -> None:
     rig, sut = _cpus()
     pin(rig)
-    starters: dict[str, Callable[[int], System]] = {
-        name: (lambda port, name=name, tree=tree: start_relay(
-            name, port, workdir, sut, metrics=True, tree=tree
-        ))
-        for name, tree in trees.items()
-    }  # fmt: skip
+
+    def relay_from(name: str, tree: Path) -> Callable[[int], System]:
+        return lambda port: start_relay(name, port, workdir, sut, metrics=True, tree=tree)
+
+    starters = {name: relay_from(name, tree) for name, tree in trees.items()}
     if nginx_binary() is not None:
         starters[NGINX] = lambda port: start_nginx(port, workdir, sut)
     upstream, upstream_port = start_upstream(workdir, rig)
     direct = Target(upstream_port, None, upstream_port, upstream.pid)
     results: dict[str, list[float]] = {name: [] for name in starters}
     unit = "ms per 1,000 events" if args.workload == "w2" else "us added TTFB p50"
-    print(f"{args.workload}: {unit}, {args.rounds} rounds", flush=True)
+    print(f"base {args.base}, new {args.new}; {args.workload}: {unit}; {args.rounds} round(s)")
     try:
         for round_no in range(args.rounds):
             order = list(starters)
@@ -101,7 +100,7 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
         upstream.wait(10)
     medians = {name: statistics.median(values) for name, values in results.items()}
     print("median:  " + "  ".join(f"{name} {value:8.1f}" for name, value in medians.items()))
-    base, new = (medians[name] for name in trees)
+    base, new = medians["base"], medians["new"]
     print(f"new / base: {new / base:.3f}")
     if NGINX in medians and args.workload == "w2":
         print(f"vs nginx: base {base / medians[NGINX]:.2f}x, new {new / medians[NGINX]:.2f}x")
@@ -117,10 +116,7 @@ def main() -> int:
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="relay-ab-") as tmp:
         work = Path(tmp)
-        trees = {
-            f"base:{args.base}": export(args.base, work / "base"),
-            f"new:{args.new}": export(args.new, work / "new"),
-        }
+        trees = {"base": export(args.base, work / "base"), "new": export(args.new, work / "new")}
         uvloop.run(run(args, trees, work))  # the rig runs on uvloop, as in python -m bench
     return 0
 
