@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,23 @@ FAKE_KEY = "sk-test-FAKE-0123456789abcdef"
 SSE = "text/event-stream"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# The modules whose tests also run on uvloop, the loop ``relay serve`` uses where it is
+# available: how bytes move between sockets (flow control, writelines, pausing reads)
+# is where asyncio's transports and uvloop's differ.
+BOTH_LOOPS = {"test_streaming.py", "test_upstream.py"}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    if item.path.name in BOTH_LOOPS and sys.platform != "win32":  # as pyproject.toml
+        import uvloop
+
+        loops["uvloop"] = uvloop.new_event_loop
+    return loops
 
 
 async def step(awaitable: Awaitable[Any]) -> Any:

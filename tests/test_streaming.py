@@ -171,6 +171,7 @@ async def test_a_slow_client_pauses_the_upstream_and_memory_stays_bounded(
     assert body.digest.digest() == hashlib.sha256(block * total_blocks).digest()
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the spy sits on asyncio's transport
 @pytest.mark.parametrize("unsafe", [False, True], ids=["writelines", "write-only"])
 async def test_where_writelines_ignores_flow_control_chunks_go_through_write(
     upstream: FakeUpstream, relay: Relay, monkeypatch: pytest.MonkeyPatch, unsafe: bool
