@@ -31,17 +31,14 @@ SSE = "text/event-stream"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-# The modules whose tests also run on uvloop, the loop ``relay serve`` uses where it is
-# available: how bytes move between sockets (flow control, writelines, pausing reads)
-# is where asyncio's transports and uvloop's differ.
-BOTH_LOOPS = {"test_streaming.py", "test_upstream.py"}
-
-
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on asyncio's loop and on uvloop, the loop ``relay serve`` uses
+    where it is available: how bytes move between sockets (flow control, ``writelines``,
+    pausing reads) is where their transports differ."""
     loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-    if item.path.name in BOTH_LOOPS and sys.platform != "win32":  # as pyproject.toml
+    if sys.platform != "win32":  # as pyproject.toml: no uvloop there
         import uvloop
 
         loops["uvloop"] = uvloop.new_event_loop
