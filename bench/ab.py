@@ -8,7 +8,8 @@ when installed, as the yardstick), in shuffled order, pinned as ``python -m benc
 them. It runs one workload per round and prints each round and the medians:
 
 - ``w2``: CPU ms per 1,000 events under W2's fan-out (500 streams x 20 events/s);
-- ``w5``: W5's time to first byte, p50 added over the direct upstream measured that round.
+- ``w5``: W5's time to first byte, p50 added over the direct upstream (measured just
+  before each system).
 
 Both commits must have ``bench/relay_server.py``. NEW defaults to HEAD.
 """
@@ -60,6 +61,8 @@ async def measure(workload: str, target: Target, upstream: Target) -> float:
     params = PROFILES["full"]
     if workload == "w2":
         result = await w2_fanout(target, **params["w2"])
+        if result["window"] != "steady":  # it fell behind: its CPU per event includes queueing
+            print(f"  {target.system.name if target.system else '?'} saturated in this round")
         return 1000 * result["cpu_s_per_1k_events"]
     await w5_ttfb(target, rate=params["w5"]["rate"], count=100)  # warm the upstream pool
     direct = await w5_ttfb(upstream, **params["w5"])
