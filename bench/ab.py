@@ -61,6 +61,8 @@ async def measure(workload: str, target: Target, upstream: Target) -> float:
     params = PROFILES["full"]
     if workload == "w2":
         result = await w2_fanout(target, **params["w2"])
+        if "error" in result:
+            raise RuntimeError(f"W2 failed: {result['error']}")
         if result["window"] != "steady":  # it fell behind: its CPU per event includes queueing
             print(f"  {target.system.name if target.system else '?'} saturated in this round")
         return 1000 * result["cpu_s_per_1k_events"]
