@@ -8,6 +8,7 @@ when installed, as the yardstick), in shuffled order, pinned as ``python -m benc
 them. It runs one workload per round and prints each round and the medians:
 
 - ``w2``: CPU ms per 1,000 events under W2's fan-out (500 streams x 20 events/s);
+- ``w4``: W4's RSS per idle open stream (8,000 streams);
 - ``w5``: W5's time to first byte, p50 added over the direct upstream (measured just
   before each system).
 
@@ -38,7 +39,7 @@ from bench.systems import (
     start_relay,
     start_upstream,
 )
-from bench.workloads import Target, w2_fanout, w5_ttfb
+from bench.workloads import Target, w2_fanout, w4_idle, w5_ttfb
 
 NGINX = "nginx"
 
@@ -55,9 +56,18 @@ def export(commit: str, into: Path) -> Path:
     return into
 
 
+UNITS = {
+    "w2": "CPU ms per 1,000 events",
+    "w4": "KiB RSS per idle open stream",
+    "w5": "us added TTFB p50",
+}
+Starter = Callable[[int], System]  # the upstream's port -> a started system
+
+
 async def measure(workload: str, target: Target, upstream: Target) -> float:
-    """W2's CPU per 1,000 events, or W5's p50 added over the direct upstream (run just
-    before it), with ``python -m bench``'s full parameters."""
+    """One figure of one system, with ``python -m bench``'s full parameters: W2's CPU per
+    1,000 events, W4's RSS per idle stream, or W5's p50 added over the direct upstream
+    (measured just before the system)."""
     params = PROFILES["full"]
     if workload == "w2":
         result = await w2_fanout(target, **params["w2"])
@@ -66,36 +76,33 @@ async def measure(workload: str, target: Target, upstream: Target) -> float:
         if result["window"] != "steady":  # it fell behind: its CPU per event includes queueing
             print(f"  {target.system.name if target.system else '?'} saturated in this round")
         return 1000 * result["cpu_s_per_1k_events"]
+    if workload == "w4":
+        result = await w4_idle(target, **params["w4"])
+        return result["rss_per_stream_bytes"] / 1024
     await w5_ttfb(target, rate=params["w5"]["rate"], count=100)  # warm the upstream pool
     direct = await w5_ttfb(upstream, **params["w5"])
     result = await w5_ttfb(target, **params["w5"])
     return float(result["p50_us"] - direct["p50_us"])
 
 
-async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -> None:
-    rig, sut = _cpus()
-    pin(rig)
-
-    def relay_from(name: str, tree: Path) -> Callable[[int], System]:
-        return lambda port: start_relay(name, port, workdir, sut, metrics=True, tree=tree)
-
-    starters = {name: relay_from(name, tree) for name, tree in trees.items()}
-    if nginx_binary() is not None:
-        starters[NGINX] = lambda port: start_nginx(port, workdir, sut)
+async def compare(
+    starters: dict[str, Starter], workload: str, rounds: int, workdir: Path, rig: int | None
+) -> dict[str, float]:
+    """Run ``workload`` on every system, in shuffled order, ``rounds`` times; print each
+    round and return the medians."""
     upstream, upstream_port = start_upstream(workdir, rig)
     direct = Target(upstream_port, None, upstream_port, upstream.pid)
     results: dict[str, list[float]] = {name: [] for name in starters}
-    unit = "ms per 1,000 events" if args.workload == "w2" else "us added TTFB p50"
-    print(f"base {args.base}, new {args.new}; {args.workload}: {unit}; {args.rounds} round(s)")
+    print(f"{workload}: {UNITS[workload]}; {rounds} round(s)", flush=True)
     try:
-        for round_no in range(args.rounds):
+        for round_no in range(rounds):
             order = list(starters)
             random.shuffle(order)
             for name in order:
                 system = starters[name](upstream_port)
                 try:
                     target = Target(system.port, system, upstream_port, upstream.pid)
-                    results[name].append(await measure(args.workload, target, direct))
+                    results[name].append(await measure(workload, target, direct))
                 finally:
                     system.stop()
             line = "  ".join(f"{name} {values[-1]:8.1f}" for name, values in results.items())
@@ -105,6 +112,21 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
         upstream.wait(10)
     medians = {name: statistics.median(values) for name, values in results.items()}
     print("median:  " + "  ".join(f"{name} {value:8.1f}" for name, value in medians.items()))
+    return medians
+
+
+async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -> None:
+    rig, sut = _cpus()
+    pin(rig)
+
+    def relay_from(name: str, tree: Path) -> Starter:
+        return lambda port: start_relay(name, port, workdir, sut, metrics=True, tree=tree)
+
+    starters = {name: relay_from(name, tree) for name, tree in trees.items()}
+    if nginx_binary() is not None:
+        starters[NGINX] = lambda port: start_nginx(port, workdir, sut)
+    print(f"base {args.base}, new {args.new}")
+    medians = await compare(starters, args.workload, args.rounds, workdir, rig)
     base, new = medians["base"], medians["new"]
     print(f"new / base: {new / base:.3f}")
     if NGINX in medians and args.workload == "w2":
@@ -115,7 +137,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
     parser.add_argument("base", help="the commit to compare against")
     parser.add_argument("new", nargs="?", default="HEAD", help="the commit to measure")
-    parser.add_argument("--workload", choices=("w2", "w5"), default="w2")
+    parser.add_argument("--workload", choices=sorted(UNITS), default="w2")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     raise_nofile()
