@@ -178,7 +178,7 @@ async def test_where_writelines_ignores_flow_control_chunks_go_through_write(
 ) -> None:
     """On CPython 3.12.0-3.12.8 and 3.13.0-3.13.1 asyncio's writelines never pauses the
     protocol (CVE-2024-12254): there the forwarder frames even a large chunk into one
-    write(). CI runs an unaffected Python, so the test sets the flag itself; the control
+    write(). The test sets the flag itself, so both paths run on any Python; the control
     case shows that large chunks otherwise do take writelines."""
     monkeypatch.setattr(pump, "_WRITELINES_UNSAFE", unsafe)
     transport_class = selector_events._SelectorSocketTransport
