@@ -56,7 +56,7 @@ class _NopMeters:
     def chunk(self, received: float, written: float) -> None:
         pass
 
-    def flush(self, now: float) -> None:
+    def close(self) -> None:
         pass
 
 

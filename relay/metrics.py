@@ -5,6 +5,7 @@ the per-chunk figures are batched per stream (:class:`StreamMeters`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 TERMINALS = ("done", "complete", "error", "none")
 
 
-FLUSH_SECONDS = 1.0  # how far /metrics may lag a live stream's chunk figures
+FLUSH_SECONDS = 1.0  # how far /metrics may lag an open stream's chunk figures
 _GAP_BOUNDS = (*GAP_BUCKETS, math.inf)
 _FORWARD_BOUNDS = (*FORWARD_BUCKETS, math.inf)
 
@@ -52,18 +53,20 @@ class StreamMeters:
     :meth:`chunk` runs once per chunk and touches no lock and no prometheus object: it bins
     the gap and forward times into local bucket counts (the bins ``Histogram.observe`` would
     pick), while the stream's byte and chunk totals live in its :class:`Exchange`.
-    :meth:`flush` pushes what accumulated into the shared metrics, at most once per
-    ``FLUSH_SECONDS`` while the stream runs and once when it ends.
+    :meth:`flush` pushes what accumulated into the shared metrics: :class:`RelayMetrics`
+    calls it for every open stream each ``FLUSH_SECONDS`` (so a stream that goes quiet
+    after a burst is not left behind), and :meth:`close` once more when the stream ends.
     """
 
     __slots__ = (
         "_bytes_flushed", "_bytes_out", "_chunks", "_chunks_flushed", "_events_flushed",
-        "_exchange", "_flush_at", "_forward", "_forward_counts", "_forward_sum", "_gap",
-        "_gap_counts", "_gap_sum", "_previous", "_sse_events", "active", "bytes_in", "events",
-        "ttfb",
+        "_exchange", "_forward", "_forward_counts", "_forward_sum", "_gap", "_gap_counts",
+        "_gap_sum", "_live", "_previous", "_sse_events", "active", "bytes_in", "events", "ttfb",
     )  # fmt: skip
 
-    def __init__(self, children: tuple[Any, ...], exchange: Exchange) -> None:
+    def __init__(
+        self, children: tuple[Any, ...], exchange: Exchange, live: set[StreamMeters]
+    ) -> None:
         (
             self.ttfb, self.active, self.bytes_in, self._gap, self._forward,
             self._bytes_out, self._chunks, self._sse_events,
@@ -75,7 +78,8 @@ class StreamMeters:
         self._gap_sum = self._forward_sum = 0.0
         self._bytes_flushed = self._chunks_flushed = self._events_flushed = 0
         self._previous: float | None = None
-        self._flush_at = exchange.started + FLUSH_SECONDS
+        self._live = live
+        live.add(self)
 
     def chunk(self, received: float, written: float) -> None:
         """One chunk, read from the upstream at ``received`` and written at ``written``."""
@@ -91,12 +95,16 @@ class StreamMeters:
         forward = written - received
         self._forward_counts[bisect_left(_FORWARD_BOUNDS, forward)] += 1
         self._forward_sum += forward
-        if written >= self._flush_at:
-            self.flush(written)
 
-    def flush(self, now: float) -> None:
+    def close(self) -> None:
+        """The stream ended: push what is left, and leave the periodic flush."""
+        self._live.discard(self)
+        self.flush()
+
+    def flush(self) -> None:
         """Push the figures gathered since the last flush into the shared metrics."""
-        self._flush_at = now + FLUSH_SECONDS
+        if self._exchange.chunks == self._chunks_flushed:
+            return  # no chunk since: nothing else can have changed either
         _add(self._gap, self._gap_counts, self._gap_sum)
         _add(self._forward, self._forward_counts, self._forward_sum)
         self._gap_sum = self._forward_sum = 0.0
@@ -133,6 +141,8 @@ class RelayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._children: dict[str, tuple[Any, ...]] = {}
+        self._live: set[StreamMeters] = set()  # the open streams' meters
+        self._flusher: asyncio.TimerHandle | None = None
         r = self.registry
         self.requests = Counter(
             "relay_requests_total",
@@ -218,7 +228,17 @@ class RelayMetrics:
                 self.chunks.labels(model),
                 self.sse_events.labels(model),
             )
-        return StreamMeters(children, exchange)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_open)
+        return StreamMeters(children, exchange, self._live)
+
+    def _flush_open(self) -> None:
+        """Push every open stream's figures; one timer for the process, while streams run."""
+        for meters in self._live:
+            meters.flush()
+        self._flusher = None
+        if self._live:
+            self._flusher = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_open)
 
     def finish(self, exchange: Exchange, duration: float) -> None:
         """Record a finished request: called once per request, also on cancellation."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import IO
 
@@ -279,7 +278,7 @@ async def _stream(
         watchdog.stop()
         if heartbeat is not None:
             heartbeat.stop()
-        meters.flush(time.monotonic())
+        meters.close()
         if sse is not None:
             exchange.sse_events, exchange.terminal = sse.events, sse.terminal
             state.metrics.terminals.labels(exchange.model, sse.terminal).inc()

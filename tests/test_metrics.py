@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import aiohttp
@@ -9,6 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay import metrics
 from relay.metrics import TTFB_BUCKETS
 from relay.state import STATE
 from tests.conftest import (
@@ -90,6 +92,36 @@ async def test_active_streams_gauge_follows_open_streams(
     await read_all(response)
     await _settled(relay)
     assert relay.metric("relay_active_streams", model=MODEL) == 0
+
+
+async def test_a_quiet_open_stream_is_in_the_metrics_within_a_flush_period(
+    upstream: FakeUpstream, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that goes quiet after a burst still shows its chunks while it stays open:
+    the periodic flush does not wait for the stream's next chunk or its end."""
+    monkeypatch.setattr(metrics, "FLUSH_SECONDS", 0.01)
+    flushed = asyncio.Event()
+    flush_open = metrics.RelayMetrics._flush_open
+
+    def flush_and_tell(self: metrics.RelayMetrics) -> None:
+        flush_open(self)
+        flushed.set()
+
+    monkeypatch.setattr(metrics.RelayMetrics, "_flush_open", flush_and_tell)
+    feed = upstream.stream()
+    response = await step(relay.client.post(STREAM, data=b"{}"))
+    feed.send(b"data: 1\n\n")
+    await step(response.content.readexactly(9))
+    flushed.clear()
+    await step(flushed.wait())  # the next flush, while the upstream stays quiet
+    assert relay.metric("relay_bytes_total", model=MODEL, direction="upstream_to_client") == 9
+    assert relay.metric("relay_chunks_total", model=MODEL) == 1
+    assert relay.metric("relay_sse_events_total", model=MODEL) == 1
+    assert relay.metric("relay_chunk_forward_seconds_count", model=MODEL) == 1
+    feed.end()
+    await read_all(response)
+    await _settled(relay)
+    assert relay.metric("relay_bytes_total", model=MODEL, direction="upstream_to_client") == 9
 
 
 async def test_client_closed_outcome(upstream: FakeUpstream, relay: Relay) -> None:
@@ -179,7 +211,7 @@ async def test_cancelled_before_headers_is_still_recorded(
     assert relay.metric("relay_requests_total", route="stream", model=MODEL, code="499") == 1
 
 
-def test_every_spec_family_is_exported_with_its_labels() -> None:
+async def test_every_spec_family_is_exported_with_its_labels() -> None:
     """The registry exposes each SPEC metric with exactly the SPEC's labels and type."""
     from relay.exchange import Exchange
     from relay.metrics import RelayMetrics
@@ -193,7 +225,7 @@ def test_every_spec_family_is_exported_with_its_labels() -> None:
     exchange.bytes_out, exchange.chunks = 9, 1
     meters.chunk(0.5, 0.6)
     meters.chunk(0.7, 0.8)
-    meters.flush(1.0)
+    meters.close()
     meters.bytes_in.inc()
     meters.active.inc()
     metrics.requests.labels("stream", MODEL, "200").inc()
@@ -241,7 +273,7 @@ async def test_metrics_endpoint_on_a_shared_listener(
     assert (await relay.client.get("/readyz")).status == 200
 
 
-def test_batched_stream_meters_equal_direct_observations() -> None:
+async def test_batched_stream_meters_equal_direct_observations() -> None:
     """Binning per stream and flushing gives the same histograms as one observe per chunk."""
     import random
 
@@ -261,7 +293,7 @@ def test_batched_stream_meters_equal_direct_observations() -> None:
         exchange.bytes_out += 10
         exchange.chunks += 1
         meters.chunk(received, written)
-    meters.flush(now)
+    meters.close()
 
     direct = RelayMetrics()
     direct.ttfb.labels(MODEL).observe(times[0][1] - 99.0)
