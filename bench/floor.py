@@ -15,28 +15,7 @@ import uvloop
 
 from bench.ab import UNITS, Starter, compare
 from bench.harness import _cpus
-from bench.systems import (
-    HERE,
-    System,
-    _listening,
-    _spawn,
-    free_port,
-    nginx_binary,
-    pin,
-    raise_nofile,
-    relay_env,
-    start_nginx,
-    start_relay,
-)
-
-
-def start_floor(upstream_port: int, workdir: Path, cpu: int | None) -> System:
-    port = free_port()
-    env = relay_env(upstream_port, port)
-    env["PYTHONPATH"] = str(HERE.parent)
-    argv = [sys.executable, "-m", "bench.peers.floor"]
-    proc, log = _spawn("floor", argv, env, workdir, cpu)
-    return _listening(System("floor", port, proc, workdir), log, 30)
+from bench.systems import nginx_binary, pin, raise_nofile, start_floor, start_nginx, start_relay
 
 
 async def run(workloads: list[str], rounds: int, workdir: Path) -> None:

@@ -270,6 +270,17 @@ def start_relay(
     return _listening(System(name, port, proc, workdir, stats_file=stats), log, 30)
 
 
+def start_floor(upstream_port: int, workdir: Path, cpu: int | None) -> System:
+    """``bench/peers/floor.py``: the relay's upstream client behind a bare server protocol
+    (``python -m bench.floor``)."""
+    port = free_port()
+    env = relay_env(upstream_port, port)
+    env["PYTHONPATH"] = str(HERE.parent)
+    argv = [sys.executable, "-m", "bench.peers.floor"]
+    proc, log = _spawn("floor", argv, env, workdir, cpu)
+    return _listening(System("floor", port, proc, workdir), log, 30)
+
+
 def start_naive(upstream_port: int, workdir: Path, cpu: int | None) -> System:
     port = free_port()
     env = dict(os.environ)
