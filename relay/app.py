@@ -1,19 +1,21 @@
-"""``create_app``: the relay as an aiohttp application. Importing this module does nothing.
+"""``create_app``: the relay as an aiohttp application, and :func:`handle`, the one entry of
+every relayed request. Importing this module does nothing.
 
-The request path, in order (one middleware, visible here):
-
-1. ``bookkeeping``: gives the request its id and :class:`Exchange`, renders relay errors as
-   the envelope (only ever before a response is prepared), and in one ``finally`` records
-   the request's metrics and its ``request_finished`` log line, whatever way it ended.
-2. the handler: ``/healthz`` and ``/readyz``, else :func:`relay.proxy.relay` for every other
-   path, which decides from the raw path what is relayed (404/405/400 included).
+The app serves the relay's health checks, its pages (the demo) and, on a shared listener,
+``/metrics``. Every other request is served by :mod:`relay.front`, the relay's own server
+side, which calls :func:`handle`: it gives the request its id and :class:`Exchange`, runs
+:func:`relay.proxy.relay` (which decides from the raw path what is relayed: 404, 405 and
+400 included), renders relay errors as the envelope (only ever before a response began),
+and in one ``finally`` records the request's metrics and its ``request_finished`` log line,
+whatever way it ended. Serve the app with :func:`relay.server.make_runner`, which puts the
+front on its listener; aiohttp alone serves only the app's own routes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import structlog
 from aiohttp import web
@@ -21,20 +23,19 @@ from prometheus_client import CollectorRegistry
 
 from relay import cors, headers, health, proxy
 from relay.config import Config
-from relay.errors import MethodNotAllowed, NotFound, PayloadTooLarge, RelayError
+from relay.errors import RelayError
 from relay.exchange import REJECTED, Exchange
+from relay.front import Request
 from relay.gate import Gate
 from relay.limits import MemoryStore, Store
 from relay.metrics import RelayMetrics
 from relay.redis_store import RedisStore
 from relay.routes import Route, Router
-from relay.state import EXCHANGE, STATE, AppState
+from relay.state import STATE, AppState
 from relay.upstream import Upstreams
 
 logger = structlog.get_logger("relay")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RELAYED = "relayed"  # the catch-all route: every request on it is bookkept
 CLIENT_LEFT = 499  # the status recorded when the client left before any response (nginx's)
 
 
@@ -50,8 +51,8 @@ def create_app(
     ``store`` holds the per-client limits: Redis when ``RELAY_REDIS_URL`` is set, else this
     process's memory (tests pass one with a controlled clock).
 
-    ``pages`` are extra routes served before the relay's catch-all (the demo page); like
-    the health routes they are neither logged nor counted as relayed requests.
+    ``pages`` are extra routes aiohttp serves (the demo page); like the health routes they
+    are neither logged nor counted as relayed requests.
     """
     if store is None:
         store = RedisStore(config.redis_url) if config.redis_url else MemoryStore()
@@ -62,12 +63,7 @@ def create_app(
         gate=Gate(config, store),
         router=Router(wavespeed_route(config), config.routes),
     )
-    app = web.Application(
-        middlewares=[_bookkeeping(state)],
-        # The largest any route accepts; each route's own limit is enforced as it reads.
-        client_max_size=max([config.max_body_bytes, *(r.max_upload_bytes for r in config.routes)]),
-        handler_args={"max_field_size": 16384},
-    )
+    app = web.Application(handler_args={"max_field_size": 16384})  # as the front allows
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_limit_store)
@@ -76,8 +72,29 @@ def create_app(
     if config.admin_shares_public_listener:
         health.add_metrics_route(app.router, state.metrics.registry)
     app.router.add_routes(pages)
-    app.router.add_route("*", "/{tail:.*}", proxy.relay, name=RELAYED)
     return app
+
+
+def serves(app: web.Application) -> Callable[[str, str], bool]:
+    """Whether the app's own routes serve a request, from its method and raw path."""
+    exact: dict[str, set[str]] = {}
+    prefixes: list[tuple[str, str]] = []
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        if "path" in info:
+            exact.setdefault(info["path"], set()).add(route.method)
+        elif "prefix" in info:
+            prefixes.append((info["prefix"].rstrip("/") + "/", route.method))
+        else:  # a pattern the front cannot match as aiohttp would
+            raise ValueError(f"the relay's front cannot serve beside the route {route!r}")
+
+    def owns(method: str, path: str) -> bool:
+        methods = exact.get(path)
+        if methods is not None:
+            return method in methods
+        return any(path.startswith(prefix) and method == m for prefix, m in prefixes)
+
+    return owns
 
 
 def wavespeed_route(config: Config) -> Route:
@@ -108,58 +125,45 @@ async def _limit_store(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
-def _bookkeeping(state: AppState) -> Any:
-    metrics = state.metrics
+async def handle(state: AppState, request: Request) -> None:
+    """Serve one request the front took: see the module's docstring."""
+    request_id = headers.request_id_from(request.headers.getall("X-Request-ID", ()))
+    started = time.monotonic()  # the one clock every stream figure is taken on
+    exchange = Exchange(request_id=request_id, client=request.remote or "-", started=started)
+    # The request's task has a context of its own: what is bound here ends with it.
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        await proxy.relay(state, request, exchange)
+    except RelayError as exc:
+        _render(request, exchange, exc)
+    except asyncio.CancelledError:
+        # The client left, or shutdown cut the request: the outcome is recorded below.
+        # The task ends normally, so the exception's traceback and the frames it holds
+        # are freed by reference counting, never left in a cycle for the collector.
+        pass
+    except Exception as exc:  # a bug: answer (or cut) as aiohttp would, keep the trace
+        logger.exception("request_failed")
+        exchange.detail = type(exc).__name__
+        if request.started:
+            request.abort()
+        else:
+            _render(request, exchange, RelayError("internal error"))
+    finally:
+        duration = time.monotonic() - exchange.started
+        if exchange.status == 0:
+            exchange.status = CLIENT_LEFT
+        state.metrics.finish(exchange, duration)
+        _log_finished(exchange, duration)
 
-    @web.middleware
-    async def bookkeeping(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.match_info.route.name != RELAYED:  # health, metrics, pages
-            return await handler(request)
-        request_id = headers.request_id_from(request.headers.getall("X-Request-ID", ()))
-        started = time.monotonic()  # the one clock every stream figure is taken on
-        exchange = Exchange(request_id=request_id, client=request.remote or "-", started=started)
-        request[EXCHANGE] = exchange
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                response = await handler(request)
-                if exchange.status == 0:  # answered without an upstream (a preflight)
-                    exchange.status = response.status
-                return response
-            except RelayError as exc:
-                return _render(exchange, exc)
-            except web.HTTPException as exc:  # aiohttp's own refusals, in our envelope
-                return _render(exchange, _translate(exc))
-            finally:
-                duration = time.monotonic() - exchange.started
-                if exchange.status == 0:
-                    exchange.status = CLIENT_LEFT
-                metrics.finish(exchange, duration)
-                _log_finished(exchange, duration)
 
-    return bookkeeping
-
-
-def _render(exchange: Exchange, exc: RelayError) -> web.Response:
+def _render(request: Request, exchange: Exchange, exc: RelayError) -> None:
     exchange.status = exc.status
     exchange.error = exc.code
     if not exchange.upstream_contacted:
         exchange.outcome = REJECTED
-    response = web.Response(
-        status=exc.status,
-        body=exc.envelope(),
-        content_type="application/json",
-        headers=exc.headers(),
-    )
-    response.headers["X-Request-ID"] = exchange.request_id
-    return response
-
-
-def _translate(exc: web.HTTPException) -> RelayError:
-    if exc.status == 413:
-        return PayloadTooLarge("request body too large")
-    if exc.status == 405:
-        return MethodNotAllowed("method not allowed", allow=())
-    return NotFound("no relayed route at this path")
+    reply = [("Content-Type", "application/json"), *exc.headers().items()]
+    reply.append(("X-Request-ID", exchange.request_id))
+    request.reply(exc.status, exc.envelope(), reply)
 
 
 def _log_finished(exchange: Exchange, duration: float) -> None:

@@ -9,8 +9,10 @@ relay's own origin (a page it serves itself, like the demo) is always allowed.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from relay.errors import OriginNotAllowed
 
@@ -20,11 +22,22 @@ ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
 EXPOSE_HEADERS = "X-Request-ID, Retry-After"
 
 
-def own_origin(request: web.BaseRequest) -> str:
+class Incoming(Protocol):
+    """What CORS reads of a request: aiohttp's, or one on the relay's front."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+
+
+def own_origin(request: Incoming) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def allowed_origin(request: web.BaseRequest, allowed: tuple[str, ...]) -> str | None:
+def allowed_origin(request: Incoming, allowed: tuple[str, ...]) -> str | None:
     """The request's Origin if it may read responses, else None."""
     origin = request.headers.get("Origin")
     if origin is None:
@@ -33,32 +46,34 @@ def allowed_origin(request: web.BaseRequest, allowed: tuple[str, ...]) -> str | 
     return origin if origin in allowed or origin == own_origin(request) else None
 
 
-def preflight(request: web.Request, allowed: tuple[str, ...]) -> web.Response:
-    """Answer an ``OPTIONS`` preflight: 204 for allowed origins, the 403 envelope otherwise."""
+def preflight(request: Incoming, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The headers of an ``OPTIONS`` preflight's 204 for an allowed origin; else the 403."""
     if allowed_origin(request, allowed) is None:
         raise OriginNotAllowed(f"origin {request.headers.get('Origin')!r} is not allowed")
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": ALLOW_METHODS,
-            "Access-Control-Allow-Headers": ALLOW_HEADERS,
-            "Access-Control-Max-Age": str(MAX_AGE_SECONDS),
-        },
-    )
+    return [
+        ("Access-Control-Allow-Methods", ALLOW_METHODS),
+        ("Access-Control-Allow-Headers", ALLOW_HEADERS),
+        ("Access-Control-Max-Age", str(MAX_AGE_SECONDS)),
+    ]
+
+
+def label(request: Incoming, headers: CIMultiDict[str], allowed: tuple[str, ...]) -> None:
+    """Add the CORS headers a response to ``request`` carries (none without an Origin)."""
+    if "Origin" not in request.headers:
+        return
+    headers.add("Vary", "Origin")
+    origin = allowed_origin(request, allowed)
+    if origin is not None:
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
 
 
 def response_headers(
     allowed: tuple[str, ...],
 ) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """An ``on_response_prepare`` callback: CORS headers on every response, streams included."""
+    """An ``on_response_prepare`` callback: CORS on the responses aiohttp serves."""
 
     async def add(request: web.Request, response: web.StreamResponse) -> None:
-        if "Origin" not in request.headers:
-            return
-        response.headers.add("Vary", "Origin")
-        origin = allowed_origin(request, allowed)
-        if origin is not None:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+        label(request, response.headers, allowed)
 
     return add

@@ -8,9 +8,9 @@ stream's slot is a lease given back in the handler's ``finally``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import structlog
-from aiohttp import web
 from redis import RedisError
 
 from relay import cors
@@ -19,6 +19,9 @@ from relay.config import Config
 from relay.errors import NotFound, Overloaded, RateLimited
 from relay.limits import Store
 from relay.policy import Target
+
+if TYPE_CHECKING:
+    from relay.front import Request
 
 logger = structlog.get_logger("relay.gate")
 
@@ -31,7 +34,7 @@ class Gate:
         count, window = config.rate_limit
         self._interval, self._capacity = window / count, count
 
-    def identify(self, request: web.Request) -> Principal:
+    def identify(self, request: Request) -> Principal:
         origin = request.headers.get("Origin")
         own = cors.own_origin(request)
         check_origin(origin, self._config.allowed_origins, own, None)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import IO
 
 import structlog
-from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
 from yarl import URL
@@ -42,12 +41,13 @@ from relay.exchange import (
     Exchange,
 )
 from relay.forms import form_field
+from relay.front import Request
 from relay.ownership import SubmissionTap
 from relay.policy import Target
 from relay.pump import ChunkTap, Forwarder, Heartbeat, Watchdog, drain, pump
 from relay.routes import Route, is_valid_body_model
 from relay.sse import SseTap
-from relay.state import EXCHANGE, STATE, AppState
+from relay.state import AppState
 
 logger = structlog.get_logger("relay.proxy")
 
@@ -55,13 +55,13 @@ Body = bytes | IO[bytes]
 SPOOL_IN_MEMORY = 1024 * 1024  # an upload larger than this waits on disk, not in memory
 
 
-async def relay(request: web.Request) -> web.StreamResponse:
+async def relay(state: AppState, request: Request, exchange: Exchange) -> None:
     """Relay one request to the upstream its route names."""
-    state = request.app[STATE]
-    exchange = request[EXCHANGE]
     if request.method == "OPTIONS":
         exchange.route = "preflight"
-        return cors.preflight(request, state.config.allowed_origins)
+        request.reply(204, b"", cors.preflight(request, state.config.allowed_origins))
+        exchange.status = 204
+        return
     principal = state.gate.identify(request)
     exchange.client = principal.id
     route, target = state.router.resolve(request.method, request.raw_path)
@@ -96,7 +96,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         )
         del body  # the outgoing request holds it, and only until it is sent
         owner = principal if target.route == "submit" else None
-        return await _stream(request, state, route, exchange, outgoing, owner)
+        await _stream(request, state, route, exchange, outgoing, owner)
     finally:
         if lease is not None:
             state.store.release(principal.id, lease)
@@ -118,11 +118,11 @@ class Outgoing:
         if not isinstance(self.body, bytes):
             self.body.close()
         self.body = b""
-        self.headers.clear()
+        self.headers = CIMultiDict()
 
 
 async def _read_body(
-    request: web.Request, route: Route, target: Target, limit: int
+    request: Request, route: Route, target: Target, limit: int
 ) -> tuple[Body, int, str]:
     """The body to forward (its original bytes), its size, and the model it names.
 
@@ -160,24 +160,29 @@ def _checked_model(model: object, spool: IO[bytes] | None) -> str:
     raise BadRequest('the request names no valid "model"')
 
 
-async def _read_bounded(request: web.Request, limit: int) -> bytes:
+async def _read_bounded(request: Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
-    return bytes(body)
+    body = request.arrived_body()  # usually: a small body comes with its head
+    if body is None:
+        buffer = bytearray()
+        async for chunk in request.body():
+            buffer += chunk
+            if len(buffer) > limit:
+                raise PayloadTooLarge(f"request body over {limit} bytes")
+        body = bytes(buffer)
+    if len(body) > limit:  # a chunked body says its size only as it arrives
+        raise PayloadTooLarge(f"request body over {limit} bytes")
+    return body
 
 
-async def _spool(request: web.Request, limit: int) -> tuple[IO[bytes], int]:
+async def _spool(request: Request, limit: int) -> tuple[IO[bytes], int]:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"upload over {limit} bytes")
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by the caller
     size = 0
     try:
-        async for chunk in request.content.iter_any():
+        async for chunk in request.body():
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"upload over {limit} bytes")
@@ -190,13 +195,13 @@ async def _spool(request: web.Request, limit: int) -> tuple[IO[bytes], int]:
 
 
 async def _stream(
-    request: web.Request,
+    request: Request,
     state: AppState,
     route: Route,
     exchange: Exchange,
     outgoing: Outgoing,
     owner: Principal | None,
-) -> web.StreamResponse:
+) -> None:
     config = state.config
     meters = state.metrics.stream(exchange.model, exchange)
     watchdog = Watchdog(
@@ -209,7 +214,6 @@ async def _stream(
     exchange.upstream_contacted = True
     meters.active.inc()
     upstream: Connection | None = None
-    response: web.StreamResponse | None = None
     sse: SseTap | None = None
     submission: SubmissionTap | None = None
     heartbeat: Heartbeat | None = None
@@ -222,49 +226,48 @@ async def _stream(
         outgoing.sent()
         exchange.status = upstream.status
         watchdog.streaming(asyncio.get_running_loop().time())
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=headers.client_response_headers(
-                upstream.headers, request_id=exchange.request_id
-            ),
-        )
         tap: ChunkTap | None = None
         if upstream.content_type == "text/event-stream":
             tap = meters.events = sse = SseTap()
         elif owner is not None and upstream.status == 200:
             tap = submission = SubmissionTap()
-        await response.prepare(request)
+        request.start(
+            upstream.status,
+            upstream.reason,
+            headers.client_response_headers(upstream.headers, request_id=exchange.request_id),
+        )
         forward = Forwarder(request, upstream, exchange, meters, watchdog, tap)
         if sse is not None and route.sse_heartbeat is not None:
             heartbeat = Heartbeat(route.sse_heartbeat, forward, upstream, sse, exchange, watchdog)
         await pump(upstream, forward, request)
         exchange.outcome = COMPLETED
         if submission and owner and (task_id := submission.task_id()) is not None:
+            # Before the response ends: a client may poll the moment it has the task id.
             await state.gate.record_owner(owner, task_id, config.prediction_ttl)
-        return response
+        request.finish()
     except asyncio.CancelledError:
         outcome = watchdog.claim()
         if outcome is None:  # the client left (handler cancellation) or the process is ending
             exchange.outcome = CLIENT_CLOSED
-            if upstream is None or response is None or route.on_disconnect != "drain":
+            if upstream is None or not request.started or route.on_disconnect != "drain":
                 raise
             if not _uncancel():
                 raise
             await _drain(upstream, exchange, watchdog, route, absorbed=True)
-            return _abort(request, response)
+            request.abort()
+            return
         exchange.outcome = outcome
-        if response is None:
+        if not request.started:
             raise _pre_header_error(outcome) from None
-        return _abort(request, response)
+        request.abort()
     except RelayError as exc:  # opening the upstream failed: nothing was sent yet
         exchange.outcome = TTFB_TIMEOUT if isinstance(exc, UpstreamTimeout) else UPSTREAM_ERROR
         raise
     except Exception as exc:
-        if response is None:
+        if not request.started:
             exchange.outcome = UPSTREAM_ERROR
             raise
-        if _client_gone(request):
+        if request.client_gone:
             exchange.outcome = CLIENT_CLOSED
             if upstream is not None and route.on_disconnect == "drain":
                 await _drain(upstream, exchange, watchdog, route)
@@ -273,7 +276,7 @@ async def _stream(
             exchange.detail = type(exc).__name__
             if not isinstance(exc, OSError):
                 logger.exception("stream_failed")  # a bug, not the network: keep the trace
-        return _abort(request, response)
+        request.abort()
     finally:
         watchdog.stop()
         if heartbeat is not None:
@@ -333,19 +336,6 @@ def _pre_header_error(outcome: str) -> RelayError:
     if outcome == SHUTDOWN:
         return ShuttingDown("the relay is shutting down", retry_after=1)
     return UpstreamTimeout("upstream sent no response before the first-byte deadline")
-
-
-def _abort(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """End a prepared response so the client sees an error, never a clean end."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-    return response
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 def _query(raw: str) -> str:

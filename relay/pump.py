@@ -20,8 +20,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from relay.connection import Connection
 from relay.exchange import (
@@ -32,6 +31,9 @@ from relay.exchange import (
 )
 from relay.metrics import StreamMeters
 from relay.sse import SseTap
+
+if TYPE_CHECKING:
+    from relay.front import Request
 
 ChunkTap = Callable[[bytes], None]
 
@@ -115,12 +117,10 @@ class DrainLimit(Exception):
 class Forwarder:
     """The sink of a streaming response: writes each body chunk straight to the client.
 
-    After ``prepare()`` aiohttp's own ``write`` adds three Python layers and an ``await``
-    per chunk (each checking for compression and clipping the relay never uses). This frames
-    a chunk as aiohttp's writer would (HTTP/1.1 chunked, or raw under a Content-Length,
-    which the upstream's framing already bounds), and pauses the upstream exactly when
-    aiohttp's writer would wait: when the transport says it is full. ``write_eof`` stays
-    aiohttp's. Per chunk it then records two clock reads, the counters and the tap.
+    Frames a chunk as the response head announced (HTTP/1.1 chunked, or raw under a
+    Content-Length, which the upstream's framing already bounds), and pauses the upstream
+    when the client's transport says it is full. Per chunk it then records two clock
+    reads, the counters and the tap.
     """
 
     __slots__ = (
@@ -132,19 +132,19 @@ class Forwarder:
 
     def __init__(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream: Connection,
         exchange: Exchange,
         meters: StreamMeters,
         watchdog: Watchdog,
         tap: ChunkTap | None,
     ) -> None:
-        transport, protocol = request.transport, request.protocol
-        if transport is None or protocol is None:
+        transport = request.transport
+        if transport is None or request.client_gone:
             raise ClientGone("the client went away")
         self._transport = transport
-        self._protocol = protocol
-        self._chunked = getattr(request.writer, "chunked", False)
+        self._protocol = request.front
+        self._chunked = request.chunked
         # Where writelines would not pause the client's protocol, every chunk is framed
         # into one buffer (a copy of the chunk) and written with write(), which does.
         unsafe = _WRITELINES_UNSAFE and not type(transport).__module__.startswith("uvloop")
@@ -196,7 +196,7 @@ class Forwarder:
         return True
 
 
-async def pump(upstream: Connection, forward: Forwarder, request: web.BaseRequest) -> None:
+async def pump(upstream: Connection, forward: Forwarder, request: Request) -> None:
     """Relay the upstream's body through ``forward`` until its clean end.
 
     The handler's task only waits here: for the response to complete, and for the client
@@ -205,7 +205,7 @@ async def pump(upstream: Connection, forward: Forwarder, request: web.BaseReques
     """
     upstream.attach(forward)
     while not await upstream.wait():
-        await request.writer.drain()  # the client reads again (or is gone: this raises)
+        await request.front.drain()  # the client reads again (or is gone: this raises)
         upstream.resume()
 
 

@@ -8,22 +8,27 @@ requests on kept-alive connections get 503 ``shutting_down``, open streams may f
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import signal
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
 
-from relay.app import create_app
+from relay import cors
+from relay.app import create_app, handle, serves
 from relay.config import Config
 from relay.exchange import SHUTDOWN
+from relay.front import FrontServer
 from relay.health import create_admin_app
 from relay.state import STATE
 
 logger = structlog.get_logger("relay.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 BACKLOG = 2048
 GC_THRESHOLDS = (20_000, 20, 20)
@@ -31,9 +36,40 @@ GC_THRESHOLDS = (20_000, 20, 20)
 CUT_SETTLE_SECONDS = 5.0
 
 
+class RelayRunner(web.AppRunner):
+    """An ``AppRunner`` whose listeners start each connection on the relay's front
+    (:mod:`relay.front`), which hands aiohttp the requests for the app's own routes."""
+
+    async def _make_server(self) -> web.Server:
+        self.app.middlewares.append(_close_after)
+        aiohttp_server = await super()._make_server()
+        state = self.app[STATE]
+        front = FrontServer(
+            aiohttp_server,
+            handle=functools.partial(handle, state),
+            handoff=serves(self.app),
+            label=functools.partial(cors.label, allowed=state.config.allowed_origins),
+        )
+        return cast(web.Server, front)  # aiohttp uses its protocol factory and shutdown only
+
+
+@web.middleware
+async def _close_after(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A connection handed to aiohttp serves one request: the next goes to a new
+    connection, and so to the front (a browser that fetched the demo page relays next)."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.force_close()
+        raise
+    response.force_close()
+    return response
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
-    """A runner whose handlers are cancelled when their client disconnects."""
-    return web.AppRunner(
+    """A runner for ``create_app``'s app: the front for relayed requests, aiohttp for the
+    app's own routes; handlers are cancelled when their client disconnects."""
+    return RelayRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_SETTLE_SECONDS
     )
 

@@ -1,4 +1,4 @@
-"""Typed application and request state: what a handler may find on ``app`` and ``request``."""
+"""Typed application state: what the relay finds on its ``app``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from relay.config import Config
-from relay.exchange import Exchange
 from relay.gate import Gate
 from relay.limits import Store
 from relay.metrics import RelayMetrics
@@ -68,4 +67,3 @@ class AppState:
 
 
 STATE = web.AppKey("relay_state", AppState)
-EXCHANGE = web.RequestKey("relay_exchange", Exchange)

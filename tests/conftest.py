@@ -23,12 +23,20 @@ from prometheus_client import CollectorRegistry
 
 from relay.app import create_app
 from relay.config import Config
+from relay.server import RelayRunner
 
 STEP = 5.0  # the longest any single awaited step may take before the test fails
 FAKE_KEY = "sk-test-FAKE-0123456789abcdef"
 SSE = "text/event-stream"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RelayServer(TestServer):
+    """A test server for ``create_app``'s app as ``relay serve`` runs it: behind the front."""
+
+    async def _make_runner(self, **kwargs: Any) -> RelayRunner:
+        return RelayRunner(self.app, **kwargs)
 
 
 def pytest_asyncio_loop_factories(
@@ -195,7 +203,7 @@ async def make_relay(upstream: FakeUpstream) -> AsyncIterator[RelayFactory]:
         store = overrides.pop("store", None)
         config = make_config(overrides.pop("upstream_url", upstream.url), **overrides)
         app = create_app(config, registry=registry, store=store)
-        client = TestClient(TestServer(app, host="127.0.0.1"), auto_decompress=False)
+        client = TestClient(RelayServer(app, host="127.0.0.1"), auto_decompress=False)
         await client.start_server()
         clients.append(client)
         return Relay(client, app, registry)

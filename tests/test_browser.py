@@ -13,13 +13,20 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from playwright.async_api import BrowserContext, Page, Request, async_playwright
 
 from relay import demo
 from relay.app import create_app
 from relay.mock_upstream import SPEECH_CHUNK_SAMPLES, speech_pcm
-from tests.conftest import FAKE_KEY, STEP, FakeUpstream, Feed, make_config, require_program
+from tests.conftest import (
+    FAKE_KEY,
+    STEP,
+    FakeUpstream,
+    Feed,
+    RelayServer,
+    make_config,
+    require_program,
+)
 
 pytestmark = pytest.mark.external
 
@@ -90,7 +97,7 @@ async def streams(upstream: FakeUpstream) -> AsyncIterator[Streams]:
 
     upstream.handler = route
     config = make_config(upstream.url, allowed_models=("wavespeed-ai/any-llm", "minimax/*"))
-    server = TestServer(create_app(config, pages=demo.pages()), host="127.0.0.1")
+    server = RelayServer(create_app(config, pages=demo.pages()), host="127.0.0.1")
     await server.start_server()
     yield Streams(*feeds, url=str(server.make_url("/")))
     await server.close()

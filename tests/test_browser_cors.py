@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from playwright.async_api import BrowserContext
 
 from relay.app import create_app
-from tests.conftest import FAKE_KEY, STEP, FakeUpstream, make_config
+from tests.conftest import FAKE_KEY, STEP, FakeUpstream, RelayServer, make_config
 from tests.test_browser import browser  # noqa: F401 - the Chromium fixture
 
 pytestmark = pytest.mark.external
@@ -95,7 +95,7 @@ async def test_allowed_origin_streams_and_another_origin_is_refused(
         token_secret=SECRET,
         allowed_origins=(app_origin,),
     )
-    relay = TestServer(create_app(config), host="127.0.0.1")
+    relay = RelayServer(create_app(config), host="127.0.0.1")
     await relay.start_server()
     try:
         relay_url = str(relay.make_url("")).rstrip("/")

@@ -28,7 +28,7 @@ from relay.mock_upstream import (
     pacing,
     speech_pcm,
 )
-from tests.conftest import FAKE_KEY, STEP, make_config, read_all, step
+from tests.conftest import FAKE_KEY, STEP, RelayServer, make_config, read_all, step
 
 AUTH = {"Authorization": f"Bearer {FAKE_KEY}"}
 NO_PACING = {"delay": "0"}
@@ -233,7 +233,7 @@ async def demo_relay(mock: MockClient) -> AsyncIterator[MockClient]:
     """The relay with the demo page in front of the mock, as ``relay demo`` builds it."""
     mock_url = str(mock.make_url("")).rstrip("/")
     app = create_app(make_config(mock_url, allowed_models=DEFAULT_MODELS), pages=demo.pages())
-    client = TestClient(TestServer(app, host="127.0.0.1"))
+    client = TestClient(RelayServer(app, host="127.0.0.1"))
     await client.start_server()
     yield client
     await client.close()

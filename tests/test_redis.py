@@ -9,13 +9,21 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from relay.app import create_app
 from relay.redis_store import RedisStore
 from relay.state import STATE
-from tests.conftest import STEP, FakeUpstream, make_config, read_all, require_program, step
+from tests.conftest import (
+    STEP,
+    FakeUpstream,
+    RelayServer,
+    make_config,
+    read_all,
+    require_program,
+    step,
+)
 
 STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
 
@@ -49,7 +57,7 @@ async def redis_url() -> AsyncIterator[str]:
 async def replica(upstream_url: str, redis_url: str, **overrides) -> AsyncIterator[TestClient]:
     config = make_config(upstream_url, redis_url=redis_url, **overrides)
     app = create_app(config, registry=CollectorRegistry())
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with TestClient(RelayServer(app, host="127.0.0.1")) as client:
         yield client
 
 

@@ -88,7 +88,7 @@ async def _relay_chunks(payload: bytes, cuts: list[int]) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
     from relay.app import create_app
-    from tests.conftest import make_config
+    from tests.conftest import RelayServer, make_config
 
     chunks, i = [], 0
     for size in cuts * (len(payload) // max(1, sum(cuts)) + 1):
@@ -109,7 +109,7 @@ async def _relay_chunks(payload: bytes, cuts: list[int]) -> None:
     up.router.add_post("/{tail:.*}", handler)
     async with TestServer(up, host="127.0.0.1") as up_server:
         app = create_app(make_config(str(up_server.make_url("")).rstrip("/")))
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        async with TestClient(RelayServer(app, host="127.0.0.1")) as client:
             response = await step(client.post(SPEECH, data=b"{}"))
             assert response.headers["Content-Type"] == "application/octet-stream"
             assert await read_all(response) == payload

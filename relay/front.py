@@ -1,0 +1,493 @@
+"""The relay's own HTTP/1.1 server side: one :class:`Front` per client connection.
+
+aiohttp serves the relay's own pages, health checks and (on a shared listener) metrics;
+every other request, relayed or refused, is parsed here with llhttp (``httptools``) and
+served by :func:`relay.app.handle` with no request or response object, router, middleware
+or second task of aiohttp's in between. That is most of what a new request and an open
+stream cost in Python (``python -m bench.floor`` measured it), so the front keeps it small:
+
+- **Handing off.** When a request's head names a route of the app's own, the connection
+  is handed to an aiohttp request handler with every byte of that request. aiohttp serves
+  it and closes the connection (``relay.server.RelayRunner``), so a browser's next
+  request, to a relayed path, arrives on a new connection at the front.
+- **Framing is llhttp's.** Content-Length and chunked bodies are decoded by the parser,
+  which refuses ambiguous framing (both headers, repeated lengths). A request's body is
+  read as the handler asks for it, with the socket paused past :data:`BODY_HIGH_WATER`;
+  ``Expect: 100-continue`` is answered when the handler first reads.
+- **One request at a time.** Bytes that arrive while a request is being answered wait
+  (reading pauses past :data:`PENDING_LIMIT`) and are parsed once it ends. A second request
+  in the same read as the end of the first (pipelining) ends the connection after the
+  first response instead, which HTTP allows and clients retry.
+- **Ending.** A connection closes after a response the client asked to be the last, after
+  one that left its request body unread, and after :data:`KEEPALIVE_SECONDS` without a
+  request. The client leaving cancels its request's task, as aiohttp's
+  ``handler_cancellation`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from relay.errors import BadRequest
+
+logger = structlog.get_logger("relay.front")
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered before the socket is paused
+PENDING_LIMIT = 64 * 1024  # bytes held for the next request while one is answered
+KEEPALIVE_SECONDS = 75.0  # an idle connection's life between requests (nginx's default)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODYLESS = frozenset({204, 304})
+
+Handle = Callable[["Request"], Coroutine[Any, Any, None]]
+Handoff = Callable[[str, str], bool]  # (method, path) -> served by aiohttp
+Label = Callable[["Request", CIMultiDict[str]], None]  # headers every response carries
+
+
+class _HandOff(Exception):
+    """Raised from the parser's callback to stop parsing: aiohttp takes this request."""
+
+
+class _Pipelined(Exception):
+    """Raised from the parser's callback: a second request began in the same read."""
+
+
+class FrontServer:
+    """The listener's protocol factory: a :class:`Front` per connection, beside aiohttp's
+    ``web.Server`` (which it wraps, for the connections handed to it)."""
+
+    def __init__(
+        self, aiohttp_server: web.Server, *, handle: Handle, handoff: Handoff, label: Label
+    ) -> None:
+        self.aiohttp = aiohttp_server
+        self.handle = handle
+        self.handoff = handoff
+        self.label = label
+        self.fronts: set[Front] = set()
+        self.closing = False
+
+    def __call__(self) -> Front:
+        return Front(self)
+
+    def pre_shutdown(self) -> None:
+        """Close idle connections; busy ones close when their request ends."""
+        self.closing = True
+        self.aiohttp.pre_shutdown()
+        for front in list(self.fronts):
+            front.close_if_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's
+        """Wait up to ``timeout`` for requests in progress, then cancel what is left."""
+        tasks = [f.task for f in self.fronts if f.task is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=timeout)
+        for front in list(self.fronts):
+            front.close()
+        await self.aiohttp.shutdown(timeout)
+
+
+class Front(asyncio.Protocol):
+    """One client connection while the relay serves it (see the module's docstring)."""
+
+    __slots__ = (
+        "_closing_after", "_drained", "_headers", "_idle", "_loop", "_parser", "_pending",
+        "_raw", "_raw_size", "_url", "peer", "request", "server", "task", "transport",
+        "writing_paused",
+    )  # fmt: skip
+
+    def __init__(self, server: FrontServer) -> None:
+        self.server = server
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self._parser: httptools.HttpRequestParser | None = None
+        self._raw: list[bytes] = []  # what the current request sent, until its head is read
+        self._raw_size = 0
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self.request: Request | None = None  # the request being received or answered
+        self.task: asyncio.Task[None] | None = None
+        self._pending = bytearray()  # what arrived while a request was being answered
+        self._closing_after = False  # the current response is the connection's last
+        self.writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # or uvloop's
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
+        self.server.fronts.add(self)
+        self._await_request()
+
+    def data_received(self, data: bytes) -> None:
+        request = self.request
+        if request is not None and request.received:  # the next request, early: it waits
+            self._pending += data
+            if len(self._pending) > PENDING_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self._feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.fronts.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        if self.request is not None:
+            self.request.lost()
+        if self.task is not None:
+            self.task.cancel()  # the client left: its request ends (handler cancellation)
+        self._wake_writer(ConnectionResetError("the client went away"))
+        self._parser = None
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake_writer(None)
+
+    async def drain(self) -> None:
+        """Wait until the client's transport takes writes again; raises once it is gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        if self.writing_paused:
+            self._drained = self._loop.create_future()
+            await self._drained
+
+    # -- the connection's life ---------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close_if_idle(self) -> None:
+        if self.request is None:
+            self.close()
+
+    def _await_request(self) -> None:
+        self._idle = self._loop.call_later(KEEPALIVE_SECONDS, self.close)
+
+    def _wake_writer(self, exc: Exception | None) -> None:
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def _feed(self, data: bytes) -> None:
+        if self._parser is None:
+            self._parser = httptools.HttpRequestParser(self)
+        if self.request is None:  # still reading the head: keep it for a hand-off
+            self._raw.append(data)
+            self._raw_size += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HandOff):
+                return self._hand_off()
+            if isinstance(cause, _Pipelined):
+                self._closing_after = True
+                self._parser = None
+                return None
+            raise
+        except httptools.HttpParserUpgrade:
+            self._closing_after = True  # no protocol switch here; the request is served as is
+            self._parser = None
+            if self.request is not None and not self.request.received:
+                self.request.lost(ConnectionResetError("a protocol upgrade, not a body"))
+        except httptools.HttpParserError as exc:
+            self._malformed(str(exc))
+            return None
+        if self.request is None and self._raw_size > MAX_HEAD_BYTES:
+            self._malformed("the request head is too large")
+        return None
+
+    def _malformed(self, why: str) -> None:
+        self._parser = None
+        request = self.request
+        if request is not None:  # the body was malformed: its reader fails, the handler ends
+            request.lost(ConnectionResetError(f"malformed request body: {why}"))
+            self._closing_after = True
+            return
+        request = Request(self, "GET", "/", (1, 1), [])
+        request.last = True
+        error = BadRequest(f"malformed request: {why}")
+        request.reply(error.status, error.envelope(), error.headers().items())
+        self.close()
+
+    def _hand_off(self) -> None:
+        """Give this connection to aiohttp with every byte of the current request."""
+        transport = self.transport
+        assert transport is not None
+        self.server.fronts.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        raw, self._raw = b"".join(self._raw), []
+        self._parser = None
+        handler = self.server.aiohttp()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(raw)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        """The request's task ended: keep the connection for the next request, or close it."""
+        self.task = None
+        request, self.request = self.request, None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("request_failed", exc_info=exc)  # a bug: handle() catches the rest
+            self.close()
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        ended = request is not None and request.received and not request.last
+        if not ended or self._closing_after or self.server.closing:
+            transport.close()
+            return
+        self._await_request()
+        transport.resume_reading()  # paused for a large body, or for what waits here
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            self._feed(data)
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.request is not None:
+            raise _Pipelined
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        method = parser.get_method().decode("ascii", "replace")
+        target = self._url.decode("latin-1")
+        if self.server.handoff(method, target.partition("?")[0]):
+            raise _HandOff
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        major, _, minor = parser.get_http_version().partition(".")
+        request = self.request = Request(
+            self, method, target, (int(major or 1), int(minor or 1)), self._headers
+        )
+        request.last = not parser.should_keep_alive()
+        self._raw, self._raw_size, self._url, self._headers = [], 0, b"", []
+        self.task = task = self._loop.create_task(self.server.handle(request))
+        task.add_done_callback(self._answered)
+
+    def on_body(self, body: bytes) -> None:
+        assert self.request is not None
+        if self.request.body_received(body) > BODY_HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        assert self.request is not None
+        self.request.body_complete()
+        self._parser = None  # llhttp would carry on with the next message; ours is new
+
+
+class Request:
+    """One request on the front: its head, its body as it arrives, and its response.
+
+    The attributes the relay reads (``method``, ``raw_path``, ``headers``, ``remote``,
+    ``content_type``, ``content_length``) are named as aiohttp names them.
+    """
+
+    __slots__ = (
+        "_body", "_body_size", "_continue", "_error", "_front", "_waiter", "chunked", "headers",
+        "last", "method", "raw_path", "received", "remote", "started", "transport", "version",
+    )  # fmt: skip
+
+    scheme = "http"
+
+    def __init__(
+        self,
+        front: Front,
+        method: str,
+        target: str,
+        version: tuple[int, int],
+        headers: Iterable[tuple[str, str]],
+    ) -> None:
+        self._front = front
+        self.transport = front.transport
+        self.remote = front.peer
+        self.method = method
+        self.raw_path = target
+        self.version = version
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(headers))
+        self.last = False  # the response is this connection's last
+        self.received = False  # the whole body arrived
+        self.started = False  # the response head was written
+        self.chunked = False
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue = self.headers.get("Expect", "").lower() == "100-continue"
+
+    @property
+    def front(self) -> Front:
+        return self._front
+
+    @property
+    def host(self) -> str:
+        return self.headers.get("Host", "")
+
+    @property
+    def content_type(self) -> str:
+        raw = self.headers.get("Content-Type")
+        if raw is None:
+            return "application/octet-stream"
+        return raw.partition(";")[0].strip().lower()
+
+    @property
+    def content_length(self) -> int | None:
+        raw = self.headers.get("Content-Length")
+        return None if raw is None else int(raw)  # llhttp checked it is one number
+
+    # -- the body ----------------------------------------------------------------------------
+
+    def body_received(self, chunk: bytes) -> int:
+        self._body.append(chunk)
+        self._body_size += len(chunk)
+        self._wake(None)
+        return self._body_size
+
+    def body_complete(self) -> None:
+        self.received = True
+        self._wake(None)
+
+    def lost(self, exc: Exception | None = None) -> None:
+        self._error = exc or ConnectionResetError("the client went away")
+        self._wake(None)
+
+    def _wake(self, _: None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def arrived_body(self) -> bytes | None:
+        """What is left of the body, at once, if all of it has arrived; else None."""
+        if not self.received:
+            return None
+        body, self._body, self._body_size = b"".join(self._body), [], 0
+        return body
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The request body's chunks as they arrive (llhttp has undone any chunked coding)."""
+        if self._continue and not self.received and self.transport is not None:
+            self._continue = False
+            self.transport.write(CONTINUE)
+        while True:
+            if self._body:
+                chunk = self._body.pop(0)  # a few chunks at most: the socket pauses
+                self._body_size -= len(chunk)
+                if not self.received and self._body_size <= BODY_HIGH_WATER:
+                    self._front.resume_reading()
+                yield chunk
+            elif self.received:
+                return
+            elif self._error is not None:
+                raise self._error
+            else:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+
+    # -- the response ------------------------------------------------------------------------
+
+    def start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+        """Write the response head. Without a Content-Length the body is chunked (or, for
+        an HTTP/1.0 client, ends with the connection)."""
+        self.started = True
+        bodyless = status in _BODYLESS or status < 200 or self.method == "HEAD"
+        if status in _BODYLESS or status < 200:
+            headers.popall("Content-Length", None)  # RFC 9110 8.6: never on these
+        if "Content-Length" in headers or bodyless:
+            self.chunked = False
+        elif self.version >= (1, 1):
+            self.chunked = True
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.last = True
+        if not bodyless and headers.get("Content-Length") != "0":
+            headers.setdefault("Content-Type", "application/octet-stream")
+        if not self.received:  # what is left of the body is never read
+            self.last = True
+        self._front.server.label(self, headers)
+        self.headers = _NO_HEADERS  # read by nobody from here on; a stream may last hours
+        if self.last:
+            headers["Connection"] = "close"
+        elif self.version < (1, 1):
+            headers["Connection"] = "keep-alive"
+        headers.setdefault("Date", http_date())
+        head = [f"HTTP/{self.version[0]}.{self.version[1]} {status} {reason}\r\n"]
+        head += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        head.append("\r\n")
+        if self.transport is not None:
+            self.transport.write("".join(head).encode("utf-8", "surrogateescape"))
+
+    def reply(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """A whole response at once (the relay's own answers)."""
+        out = CIMultiDict(headers)
+        out["Content-Length"] = str(len(body))
+        self.start(status, HTTPStatus(status).phrase, out)
+        if body and self.method != "HEAD" and self.transport is not None:
+            self.transport.write(body)
+
+    def finish(self) -> None:
+        """End a streamed body cleanly (the terminating chunk)."""
+        if self.chunked and self.transport is not None:
+            self.transport.write(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        """End the response so the client sees an error, never a clean end."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def client_gone(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]

@@ -1,0 +1,294 @@
+"""The relay's own server side (``relay.front``): framing, connection reuse and hand-off,
+seen through a raw socket so every byte on the wire is the test's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from relay import front
+from tests.conftest import FAKE_KEY, SSE, FakeUpstream, Relay, RelayFactory, step
+
+STREAM = b"/api/v3/wavespeed-ai/any-llm/stream"
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Wire:
+    """One client connection, written and read byte for byte."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def answer(self) -> Answer:
+        """Read one response: its head, then a body framed by length, chunks or close."""
+        head = await step(self.reader.readuntil(b"\r\n\r\n"))
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        status = int(status_line.split()[1])
+        if status in (100, 204, 304):
+            return Answer(status, headers, b"")
+        if "content-length" in headers:
+            body = await step(self.reader.readexactly(int(headers["content-length"])))
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int((await step(self.reader.readuntil(b"\r\n")))[:-2], 16):
+                body += (await step(self.reader.readexactly(size + 2)))[:-2]
+            assert await step(self.reader.readexactly(2)) == b"\r\n"
+        else:
+            body = await step(self.reader.read())
+        return Answer(status, headers, body)
+
+    async def closed(self) -> bool:
+        """True once the relay closed the connection (EOF with nothing more sent)."""
+        return await step(self.reader.read()) == b""
+
+
+@contextlib.asynccontextmanager
+async def connected(relay: Relay) -> AsyncIterator[Wire]:
+    host, port = relay.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield Wire(reader, writer)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.fixture
+async def wire(relay: Relay) -> AsyncIterator[Wire]:
+    async with connected(relay) as wire:
+        yield wire
+
+
+def post(body: bytes = b"{}", path: bytes = STREAM, extra: bytes = b"") -> bytes:
+    return b"POST %b HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n%b\r\n%b" % (
+        path,
+        len(body),
+        extra,
+        body,
+    )
+
+
+async def test_one_connection_carries_request_after_request(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    """Keep-alive: each response ends cleanly and the next request on the connection is
+    answered too."""
+    upstream.respond(200, b'{"ok":1}', {"Content-Type": "application/json"})
+    for _ in range(3):
+        wire.send(post())
+        answer = await wire.answer()
+        assert (answer.status, answer.body) == (200, b'{"ok":1}')
+        assert "connection" not in answer.headers
+    assert len(upstream.seen) == 3
+
+
+async def test_a_chunked_request_body_is_forwarded_decoded(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    upstream.respond(200, b"ok")
+    wire.send(
+        b"POST %b HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n' % STREAM
+    )
+    assert (await wire.answer()).status == 200
+    assert upstream.seen[0].body == b'{"a":1}'
+    assert upstream.seen[0].headers["content-length"] == ["7"]
+    assert "transfer-encoding" not in upstream.seen[0].headers
+
+
+async def test_expect_100_continue_is_answered_when_the_body_is_read(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    """The client holds its body until the relay asks for it; a request refused before
+    its body is read gets no ``100 Continue``, and its connection closes."""
+    upstream.respond(200, b"ok")
+    wire.send(
+        b"POST %b HTTP/1.1\r\nHost: relay\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        % STREAM
+    )
+    assert (await wire.answer()).status == 100
+    wire.send(b"{}")
+    answer = await wire.answer()
+    assert answer.status == 200
+    assert upstream.seen[0].body == b"{}"
+
+    wire.send(
+        b"POST /nowhere HTTP/1.1\r\nHost: relay\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    refused = await wire.answer()
+    assert refused.status == 404
+    assert refused.headers["connection"] == "close"
+    assert await wire.closed()
+
+
+async def test_a_malformed_request_gets_the_envelope_and_the_connection_closes(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    wire.send(b"POST /api/v3/x/stream HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    answer = await wire.answer()
+    assert answer.status == 400
+    assert json.loads(answer.body)["data"]["error"] == "bad_request"
+    assert await wire.closed()
+    assert not upstream.seen
+
+
+async def test_an_oversized_request_head_is_refused(upstream: FakeUpstream, wire: Wire) -> None:
+    wire.send(b"POST %b HTTP/1.1\r\nX-Big: %b" % (STREAM, b"a" * (front.MAX_HEAD_BYTES + 1)))
+    answer = await wire.answer()
+    assert answer.status == 400
+    assert await wire.closed()
+    assert not upstream.seen
+
+
+async def test_requests_pipelined_in_one_write_end_the_connection_after_the_first(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    """HTTP lets a server close instead of answering pipelined requests; clients retry."""
+    upstream.respond(200, b"one")
+    wire.send(post() + post())
+    answer = await wire.answer()
+    assert (answer.status, answer.body) == (200, b"one")
+    assert await wire.closed()
+    assert len(upstream.seen) == 1
+
+
+async def test_a_request_sent_while_a_stream_runs_is_answered_after_it(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    feed = upstream.stream()
+    wire.send(post())
+    head = await step(wire.reader.readuntil(b"\r\n\r\n"))
+    assert b"200 OK" in head
+    wire.send(post())  # the next request, before the stream's end
+    feed.send(b"data: 1\n\n")
+    assert await step(wire.reader.readuntil(b"\r\n")) == b"9\r\n"
+    upstream.respond(200, b"second")
+    feed.end()
+    assert await step(wire.reader.readuntil(b"0\r\n\r\n")) == b"data: 1\n\n\r\n0\r\n\r\n"
+    answer = await wire.answer()
+    assert (answer.status, answer.body) == (200, b"second")
+
+
+async def test_an_http_1_0_client_gets_the_stream_ended_by_close(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    feed = upstream.stream()
+    wire.send(b"POST %b HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}" % STREAM)
+    feed.send(b"data: 1\n\n")
+    feed.end()
+    answer = await wire.answer()
+    assert answer.status == 200
+    assert answer.headers["connection"] == "close"
+    assert "transfer-encoding" not in answer.headers
+    assert answer.body == b"data: 1\n\n"
+
+
+async def test_a_client_asking_to_close_gets_its_connection_closed(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    upstream.respond(200, b"ok")
+    wire.send(post(extra=b"Connection: close\r\n"))
+    answer = await wire.answer()
+    assert answer.headers["connection"] == "close"
+    assert await wire.closed()
+
+
+async def test_the_apps_own_routes_are_handed_to_aiohttp_one_request_per_connection(
+    relay: Relay, upstream: FakeUpstream, wire: Wire
+) -> None:
+    """``/healthz`` is aiohttp's; the connection closes after it, so the next request
+    (on a new connection) reaches the front again. A method aiohttp does not serve there
+    stays with the relay, which answers as for any path it does not relay."""
+    wire.send(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    answer = await wire.answer()
+    assert (answer.status, json.loads(answer.body)) == (200, {"status": "ok"})
+    assert answer.headers["connection"] == "close"
+    assert await wire.closed()
+
+    async with connected(relay) as again:
+        again.send(post(path=b"/healthz"))
+        refused = await again.answer()
+    assert refused.status == 404
+    assert json.loads(refused.body)["data"]["error"] == "not_found"
+    assert "connection" not in refused.headers
+
+
+async def test_an_idle_connection_is_closed(
+    monkeypatch: pytest.MonkeyPatch, make_relay: RelayFactory, upstream: FakeUpstream
+) -> None:
+    monkeypatch.setattr(front, "KEEPALIVE_SECONDS", 0.05)
+    relay = await make_relay()
+    upstream.respond(200, b"ok")
+    async with connected(relay) as wire:
+        wire.send(post())
+        assert (await wire.answer()).status == 200
+        assert await wire.closed()  # nothing more was asked for
+
+
+async def test_the_stream_head_says_what_the_relay_adds(upstream: FakeUpstream, wire: Wire) -> None:
+    """A streamed response: the upstream's headers (filtered), chunked framing, a Date,
+    the request id, and never the key."""
+    feed = upstream.stream(SSE)
+    wire.send(post(extra=b"X-Request-ID: front-test-1\r\n"))
+    feed.send(b"data: 1\n\n")
+    feed.end()
+    answer = await wire.answer()
+    assert answer.headers["content-type"] == SSE
+    assert answer.headers["transfer-encoding"] == "chunked"
+    assert answer.headers["x-request-id"] == "front-test-1"
+    assert answer.headers["x-accel-buffering"] == "no"
+    assert "date" in answer.headers
+    assert FAKE_KEY not in json.dumps(answer.headers)
+
+
+async def test_a_body_that_paused_reading_leaves_the_connection_usable(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    """A body past the front's high-water mark pauses the socket while the relay reads it;
+    the connection reads again for the next request."""
+    upstream.respond(200, b"ok")
+    big = b'{"x":"%b"}' % (b"a" * (2 * front.BODY_HIGH_WATER))
+    wire.send(post(big))
+    assert (await wire.answer()).status == 200
+    assert upstream.seen[0].body == big
+    wire.send(post())
+    assert (await wire.answer()).status == 200
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """A chunked body gives no size up front: it is refused once it passes the limit, and
+    the connection closes (the rest of the body is never read)."""
+    relay = await make_relay(max_body_bytes=10)
+    async with connected(relay) as wire:
+        wire.send(
+            b"POST %b HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'8\r\n{"a":"12\r\n8\r\n34567"}\r\n' % STREAM  # and never the last chunk
+        )
+        answer = await wire.answer()
+        assert answer.status == 413
+        assert json.loads(answer.body)["data"]["error"] == "payload_too_large"
+        assert answer.headers["connection"] == "close"
+        assert await wire.closed()
+    assert not upstream.seen
