@@ -11,8 +11,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from relay import front
-from tests.conftest import FAKE_KEY, SSE, FakeUpstream, Relay, RelayFactory, step
+from relay import front, server
+from tests.conftest import (
+    FAKE_KEY,
+    SSE,
+    STEP,
+    FakeUpstream,
+    Relay,
+    RelayFactory,
+    make_config,
+    step,
+)
 
 STREAM = b"/api/v3/wavespeed-ai/any-llm/stream"
 
@@ -292,3 +301,43 @@ async def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(
         assert answer.headers["connection"] == "close"
         assert await wire.closed()
     assert not upstream.seen
+
+
+async def test_draining_answers_kept_alive_connections_then_closes_them(
+    upstream: FakeUpstream,
+) -> None:
+    """After the stop signal, a request on a connection kept alive from before gets 503
+    ``shutting_down`` while an open stream finishes; then every connection is closed."""
+    feed = upstream.stream()
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    config = make_config(upstream.url, port=0, shutdown_grace=STEP)
+    serving = asyncio.ensure_future(
+        server.serve(config, stop=stop, admin=False, on_ready=lambda url, _: ready.set_result(url))
+    )
+    host, port = (await step(ready)).removeprefix("http://").split(":")
+    streaming = Wire(*await asyncio.open_connection(host, int(port)))
+    idle = Wire(*await asyncio.open_connection(host, int(port)))
+    try:
+        streaming.send(post())
+        feed.send(b"data: 1\n\n")
+        assert await step(streaming.reader.readuntil(b"data: 1\n\n\r\n"))
+        idle.send(post(path=b"/nowhere"))
+        assert (await idle.answer()).status == 404  # and the connection stays open
+
+        stop.set()  # the server wakes to drain before this loop reads the next request
+        idle.send(post())
+        refused = await idle.answer()
+        assert refused.status == 503
+        assert json.loads(refused.body)["data"]["error"] == "shutting_down"
+
+        feed.end()
+        assert await step(streaming.reader.readuntil(b"0\r\n\r\n")) == b"0\r\n\r\n"
+        await step(serving)
+        assert await idle.closed()
+        assert await streaming.closed()
+    finally:
+        for wire in (streaming, idle):
+            wire.writer.close()
+        stop.set()
+        await asyncio.wait_for(serving, STEP)
