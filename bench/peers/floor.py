@@ -4,9 +4,10 @@ Not a relay anyone should run. It parses requests with llhttp (``httptools``) in
 ``asyncio.Protocol``, sends them upstream through :class:`relay.upstream.Upstreams`, writes
 the response head itself and frames each body chunk straight into the client's transport,
 with backpressure. It has none of the relay's features: no client auth, limits, allowlist,
-header filtering, deadlines, SSE tap, metrics or logs. What it measures is how far a server
-side of our own (in place of aiohttp's) could take the relay before those features are
-added back: ``python -m bench.floor`` runs it beside the relay and nginx.
+header filtering, deadlines, SSE tap, metrics or logs. The relay's own server side
+(``relay/front.py``) does what this does and those things too, so the difference between
+the two is what the features cost: ``python -m bench.floor`` runs it beside the relay and
+nginx.
 
 Configured like the relay: ``RELAY_UPSTREAM_URL``, ``RELAY_PORT``, ``WAVESPEED_API_KEY``.
 """
