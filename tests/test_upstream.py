@@ -283,12 +283,13 @@ async def test_an_interim_1xx_response_is_skipped(
 def close_on_second_request() -> Script:
     """Answers the first request on each connection; closes on the second without answering,
     as an upstream does that closed an idle keep-alive connection just as it was reused."""
-    seen: dict[int, int] = {}
+    # Keyed by the writer itself: an id() is reused once its object is freed, and would
+    # make a new connection look like an old one.
+    seen: dict[asyncio.StreamWriter, int] = {}
 
     async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        key = id(writer)
-        seen[key] = seen.get(key, 0) + 1
-        if seen[key] > 1:
+        seen[writer] = seen.get(writer, 0) + 1
+        if seen[writer] > 1:
             return False
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
