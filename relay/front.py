@@ -325,7 +325,8 @@ class Request:
     """
 
     __slots__ = (
-        "_body", "_body_size", "_continue", "_error", "_front", "_waiter", "chunked", "headers",
+        "_body", "_body_size", "_continue", "_error", "_front", "_head", "_waiter", "chunked",
+        "headers",
         "last", "method", "raw_path", "received", "remote", "started", "transport", "version",
     )  # fmt: skip
 
@@ -350,6 +351,7 @@ class Request:
         self.received = False  # the whole body arrived
         self.started = False  # the response head was written
         self.chunked = False
+        self._head = b""
         self._body: list[bytes] = []
         self._body_size = 0
         self._error: Exception | None = None
@@ -427,8 +429,14 @@ class Request:
     # -- the response ------------------------------------------------------------------------
 
     def start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
-        """Write the response head. Without a Content-Length the body is chunked (or, for
-        an HTTP/1.0 client, ends with the connection)."""
+        """Begin the response. Without a Content-Length the body is chunked (or, for an
+        HTTP/1.0 client, ends with the connection).
+
+        The head waits in :meth:`take_head` for whoever writes next, so that it leaves
+        with the body's first bytes in one write: one segment, and one wake-up of the
+        client, fewer. Whoever starts a response writes the head before waiting on
+        anything (:meth:`finish`, :meth:`reply` and the forwarder do).
+        """
         self.started = True
         bodyless = status in _BODYLESS or status < 200 or self.method == "HEAD"
         if status in _BODYLESS or status < 200:
@@ -454,21 +462,27 @@ class Request:
         head = [f"HTTP/{self.version[0]}.{self.version[1]} {status} {reason}\r\n"]
         head += [f"{name}: {value}\r\n" for name, value in headers.items()]
         head.append("\r\n")
-        if self.transport is not None:
-            self.transport.write("".join(head).encode("utf-8", "surrogateescape"))
+        self._head = "".join(head).encode("utf-8", "surrogateescape")
+
+    def take_head(self) -> bytes:
+        """The response head, if it was not written yet (then the caller writes it)."""
+        head, self._head = self._head, b""
+        return head
 
     def reply(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
         """A whole response at once (the relay's own answers)."""
         out = CIMultiDict(headers)
         out["Content-Length"] = str(len(body))
         self.start(status, HTTPStatus(status).phrase, out)
-        if body and self.method != "HEAD" and self.transport is not None:
-            self.transport.write(body)
+        self._write(self.take_head() + (b"" if self.method == "HEAD" else body))
 
     def finish(self) -> None:
         """End a streamed body cleanly (the terminating chunk)."""
-        if self.chunked and self.transport is not None:
-            self.transport.write(b"0\r\n\r\n")
+        self._write(self.take_head() + (b"0\r\n\r\n" if self.chunked else b""))
+
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None:
+            self.transport.write(data)
 
     def abort(self) -> None:
         """End the response so the client sees an error, never a clean end."""

@@ -124,8 +124,8 @@ class Forwarder:
     """
 
     __slots__ = (
-        "_chunked", "_exchange", "_protocol", "_record", "_small", "_tap", "_transport",
-        "_upstream", "_watchdog",
+        "_chunked", "_exchange", "_head", "_protocol", "_record", "_small", "_tap",
+        "_transport", "_upstream", "_watchdog",
     )  # fmt: skip
 
     SMALL = 4096  # below this a chunk is framed into one buffer; above, written as three
@@ -145,6 +145,7 @@ class Forwarder:
         self._transport = transport
         self._protocol = request.front
         self._chunked = request.chunked
+        self._head = request.take_head()  # written with the first chunk, or by flush()
         # Where writelines would not pause the client's protocol, every chunk is framed
         # into one buffer (a copy of the chunk) and written with write(), which does.
         unsafe = _WRITELINES_UNSAFE and not type(transport).__module__.startswith("uvloop")
@@ -162,7 +163,9 @@ class Forwarder:
             self._upstream.refuse(chunk, ClientGone("the client went away"))
             return
         size = len(chunk)
-        if not self._chunked:
+        if self._head:
+            self._write_head(chunk)
+        elif not self._chunked:
             transport.write(chunk)
         elif size < self._small:
             transport.write(b"%x\r\n%b\r\n" % (size, chunk))
@@ -179,12 +182,25 @@ class Forwarder:
         exchange.chunks += 1
         self._record(received, written)
 
+    def flush(self) -> None:
+        """Write the response head now if no chunk took it yet (before waiting for one)."""
+        if self._head and not self._transport.is_closing():
+            self._write_head(b"")
+
+    def _write_head(self, chunk: bytes) -> None:
+        """The response head, and the first chunk framed after it, in one write."""
+        head, self._head = self._head, b""
+        if chunk and self._chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        self._transport.write(head + chunk)
+
     def write(self, data: bytes) -> bool:
         """Frame and write ``data`` (not a body chunk: a heartbeat); False if the client is
         gone. The per-chunk path in ``__call__`` inlines this: a call costs what it saves."""
         transport = self._transport
         if transport.is_closing():
             return False
+        self.flush()
         if not self._chunked:
             transport.write(data)
         elif len(data) < self._small:
@@ -203,7 +219,8 @@ async def pump(upstream: Connection, forward: Forwarder, request: Request) -> No
     to drain whenever the forwarder found it full. Raises the upstream's failure, or
     :class:`ClientGone`; the caller classifies it.
     """
-    upstream.attach(forward)
+    upstream.attach(forward)  # the chunks that came with the response head go out now
+    forward.flush()
     while not await upstream.wait():
         await request.front.drain()  # the client reads again (or is gone: this raises)
         upstream.resume()
