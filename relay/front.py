@@ -326,8 +326,8 @@ class Request:
 
     __slots__ = (
         "_body", "_body_size", "_continue", "_error", "_front", "_head", "_waiter", "chunked",
-        "headers",
-        "last", "method", "raw_path", "received", "remote", "started", "transport", "version",
+        "headers", "last", "method", "raw_path", "received", "remote", "started", "transport",
+        "version",
     )  # fmt: skip
 
     scheme = "http"
