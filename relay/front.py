@@ -21,7 +21,13 @@ stream cost in Python (``python -m bench.floor`` measured it), so the front keep
 - **Ending.** A connection closes after a response the client asked to be the last, after
   one that left its request body unread, and after :data:`KEEPALIVE_SECONDS` without a
   request. The client leaving cancels its request's task, as aiohttp's
-  ``handler_cancellation`` does.
+  ``handler_cancellation`` does. A stream cut by the upstream is aborted (a reset).
+- **Lingering.** When the client may still be sending (a body the relay refused before
+  reading it, a pipelined request), closing would make the client's kernel answer those
+  bytes with a reset, which destroys the response before a client that reads only after
+  sending (a browser, curl) sees it. So then, as nginx does, the relay shuts only its side
+  and discards what arrives until the client closes, sends nothing for
+  :data:`LINGER_GAP_SECONDS`, or :data:`LINGER_SECONDS` pass.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered before the socket is paused
 PENDING_LIMIT = 64 * 1024  # bytes held for the next request while one is answered
 KEEPALIVE_SECONDS = 75.0  # an idle connection's life between requests (nginx's default)
+LINGER_SECONDS = 30.0  # the longest a closing connection discards what the client still sends
+LINGER_GAP_SECONDS = 5.0  # ... or until it sends nothing for this long (nginx's figures)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODYLESS = frozenset({204, 304})
 
@@ -104,9 +112,9 @@ class Front(asyncio.Protocol):
     """One client connection while the relay serves it (see the module's docstring)."""
 
     __slots__ = (
-        "_closing_after", "_drained", "_headers", "_idle", "_loop", "_parser", "_pending",
-        "_raw", "_raw_size", "_url", "peer", "request", "server", "task", "transport",
-        "writing_paused",
+        "_closing_after", "_drained", "_headers", "_heard", "_idle", "_linger_until", "_loop",
+        "_parser", "_pending", "_raw", "_raw_size", "_url", "peer", "request", "server",
+        "task", "transport", "writing_paused",
     )  # fmt: skip
 
     def __init__(self, server: FrontServer) -> None:
@@ -126,6 +134,8 @@ class Front(asyncio.Protocol):
         self.writing_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._linger_until = 0.0  # set once the relay has shut its side (see _linger)
+        self._heard = 0.0  # when the client last sent bytes while lingering
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -137,6 +147,9 @@ class Front(asyncio.Protocol):
         self._await_request()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_until:  # nobody will read it
+            self._heard = self._loop.time()
+            return
         request = self.request
         if request is not None and request.received:  # the next request, early: it waits
             self._pending += data
@@ -189,6 +202,31 @@ class Front(asyncio.Protocol):
     def _await_request(self) -> None:
         self._idle = self._loop.call_later(KEEPALIVE_SECONDS, self.close)
 
+    def _close_after_reading(self) -> None:
+        """Close once the client stops sending: shut our side now, and discard what arrives
+        (the module's docstring says why)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._parser = None
+        self._pending.clear()
+        self._heard = now = self._loop.time()
+        self._linger_until = now + LINGER_SECONDS
+        transport.write_eof()  # after what is still buffered: the client reads all of it
+        transport.resume_reading()
+        self._idle = self._loop.call_at(now + LINGER_GAP_SECONDS, self._linger)
+
+    def _linger(self) -> None:
+        now = self._loop.time()
+        if now >= self._linger_until or now - self._heard >= LINGER_GAP_SECONDS:
+            self.close()
+        else:
+            wake = min(self._heard + LINGER_GAP_SECONDS, self._linger_until)
+            self._idle = self._loop.call_at(wake, self._linger)
+
     def _wake_writer(self, exc: Exception | None) -> None:
         waiter, self._drained = self._drained, None
         if waiter is not None and not waiter.done():
@@ -237,7 +275,7 @@ class Front(asyncio.Protocol):
         request.last = True
         error = BadRequest(f"malformed request: {why}")
         request.reply(error.status, error.envelope(), error.headers().items())
-        self.close()
+        self._close_after_reading()
 
     def _hand_off(self) -> None:
         """Give this connection to aiohttp with every byte of the current request."""
@@ -264,9 +302,14 @@ class Front(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        ended = request is not None and request.received and not request.last
-        if not ended or self._closing_after or self.server.closing:
-            transport.close()
+        if request is None or not request.received or self._closing_after:
+            self._close_after_reading()  # the client may still be sending
+            return
+        if request.last or self.server.closing:
+            if self._pending:  # it sent more, unasked for: it may still be sending
+                self._close_after_reading()
+            else:
+                transport.close()
             return
         self._await_request()
         transport.resume_reading()  # paused for a large body, or for what waits here

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -341,3 +342,81 @@ async def test_draining_answers_kept_alive_connections_then_closes_them(
             wire.writer.close()
         stop.set()
         await asyncio.wait_for(serving, STEP)
+
+
+def refused_upload(size: int) -> bytes:
+    """The head of an upload the relay refuses at once: its Content-Length is over the limit
+    (of the relays below)."""
+    return b"POST %b HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n\r\n" % (STREAM, size)
+
+
+async def test_a_refused_upload_still_gets_its_answer_while_the_client_sends(
+    upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """A request refused before its body is read (here by its Content-Length) is answered
+    at once, and the relay then only shuts its side and discards what still arrives: were
+    it to close, the client's kernel would meet the rest of the upload with a reset that
+    destroys the answer before a client that reads after sending (a browser, curl) sees it.
+    """
+    relay = await make_relay(max_body_bytes=1024)
+    host, port = relay.url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    body = b"x" * (4 * 1024 * 1024)
+    with socket.create_connection((host, int(port))) as client:
+        client.setblocking(False)
+        await loop.sock_sendall(client, refused_upload(len(body)) + body[:65536])
+        answered: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(client.fileno(), lambda: answered.done() or answered.set_result(None))
+        try:
+            await step(answered)  # the answer waits, unread, in the client's socket
+        finally:
+            loop.remove_reader(client.fileno())
+        for start in range(65536, len(body), 65536):  # the rest of the upload, then read
+            await step(loop.sock_sendall(client, body[start : start + 65536]))
+        received = b""
+        while data := await step(loop.sock_recv(client, 65536)):
+            received += data
+    head, _, answer = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(answer)["data"]["error"] == "payload_too_large"
+    assert not upstream.seen
+
+
+@pytest.fixture
+def connections_lost(monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[None]:
+    """One item each time the relay's side of a client connection is gone."""
+    lost: asyncio.Queue[None] = asyncio.Queue()
+    connection_lost = front.Front.connection_lost
+
+    def spy(self: front.Front, exc: Exception | None) -> None:
+        connection_lost(self, exc)
+        lost.put_nowait(None)
+
+    monkeypatch.setattr(front.Front, "connection_lost", spy)
+    return lost
+
+
+async def test_a_lingering_connection_closes_when_the_client_does(
+    monkeypatch: pytest.MonkeyPatch, make_relay: RelayFactory, connections_lost: asyncio.Queue[None]
+) -> None:
+    monkeypatch.setattr(front, "LINGER_GAP_SECONDS", 60.0)  # only the client ends it here
+    relay = await make_relay(max_body_bytes=1024)
+    async with connected(relay) as wire:
+        wire.send(refused_upload(1 << 20) + b"{")
+        assert (await wire.answer()).status == 413
+        assert await wire.closed()  # the relay's side is shut: the answer is all
+        wire.send(b"more of the body")
+        wire.writer.write_eof()  # the client is done too
+        await step(connections_lost.get())
+
+
+async def test_a_lingering_connection_closes_once_the_client_goes_quiet(
+    monkeypatch: pytest.MonkeyPatch, make_relay: RelayFactory, connections_lost: asyncio.Queue[None]
+) -> None:
+    monkeypatch.setattr(front, "LINGER_GAP_SECONDS", 0.05)
+    relay = await make_relay(max_body_bytes=1024)
+    async with connected(relay) as wire:
+        wire.send(refused_upload(1 << 20) + b"{")
+        assert (await wire.answer()).status == 413
+        assert await wire.closed()
+        await step(connections_lost.get())  # the client neither sent more nor closed
