@@ -13,7 +13,10 @@ stream cost in Python (``python -m bench.floor`` measured it), so the front keep
 - **Framing is llhttp's.** Content-Length and chunked bodies are decoded by the parser,
   which refuses ambiguous framing (both headers, repeated lengths). A request's body is
   read as the handler asks for it, with the socket paused past :data:`BODY_HIGH_WATER`;
-  ``Expect: 100-continue`` is answered when the handler first reads.
+  ``Expect: 100-continue`` is answered when the handler first reads. A body that breaks
+  its framing fails the handler's read with a 400. An upgrade offer (``Upgrade: h2c``,
+  ``websocket``) is ignored, as HTTP allows: the request is served as HTTP/1.1, its body
+  read by a parser of its own (llhttp would take it for the new protocol's bytes).
 - **One request at a time.** Bytes that arrive while a request is being answered wait
   (reading pauses past :data:`PENDING_LIMIT`) and are parsed once it ends. A second request
   in the same read as the end of the first (pipelining) ends the connection after the
@@ -112,9 +115,9 @@ class Front(asyncio.Protocol):
     """One client connection while the relay serves it (see the module's docstring)."""
 
     __slots__ = (
-        "_closing_after", "_drained", "_headers", "_heard", "_idle", "_linger_until", "_loop",
-        "_parser", "_pending", "_raw", "_raw_size", "_url", "peer", "request", "server",
-        "task", "transport", "writing_paused",
+        "_body_framing", "_closing_after", "_drained", "_headers", "_heard", "_idle",
+        "_linger_until", "_loop", "_parser", "_pending", "_raw", "_raw_size", "_url", "peer",
+        "request", "server", "task", "transport", "writing_paused",
     )  # fmt: skip
 
     def __init__(self, server: FrontServer) -> None:
@@ -136,6 +139,7 @@ class Front(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._linger_until = 0.0  # set once the relay has shut its side (see _linger)
         self._heard = 0.0  # when the client last sent bytes while lingering
+        self._body_framing = b""  # an upgrade offer's body: the head of a parser to read it
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -241,6 +245,7 @@ class Front(asyncio.Protocol):
         if self.request is None:  # still reading the head: keep it for a hand-off
             self._raw.append(data)
             self._raw_size += len(data)
+        body = b""  # what follows an upgrade offer's head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -252,23 +257,31 @@ class Front(asyncio.Protocol):
                 self._parser = None
                 return None
             raise
-        except httptools.HttpParserUpgrade:
-            self._closing_after = True  # no protocol switch here; the request is served as is
+        except httptools.HttpParserUpgrade as upgrade:
+            # An upgrade offer (``curl --http2`` makes one on plain http): the relay switches
+            # to nothing and serves the request as HTTP/1.1. llhttp ended the message at its
+            # head, so a body that follows is read by a parser of its own.
+            self._closing_after = True
             self._parser = None
-            if self.request is not None and not self.request.received:
-                self.request.lost(ConnectionResetError("a protocol upgrade, not a body"))
+            if framing := self._body_framing:
+                self._body_framing = b""
+                self._parser = httptools.HttpRequestParser(_BodyOnly(self))
+                self._parser.feed_data(framing)
+                body = data[upgrade.args[0] :]
         except httptools.HttpParserError as exc:
             self._malformed(str(exc))
             return None
         if self.request is None and self._raw_size > MAX_HEAD_BYTES:
             self._malformed("the request head is too large")
+        if body:  # fed here, not in the handler above: a callback's error chains as usual
+            self._feed(body)
         return None
 
     def _malformed(self, why: str) -> None:
         self._parser = None
         request = self.request
-        if request is not None:  # the body was malformed: its reader fails, the handler ends
-            request.lost(ConnectionResetError(f"malformed request body: {why}"))
+        if request is not None:  # the body was malformed: its reader fails with a 400
+            request.lost(BadRequest(f"malformed request body: {why}"))
             self._closing_after = True
             return
         request = Request(self, "GET", "/", (1, 1), [])
@@ -345,6 +358,8 @@ class Front(asyncio.Protocol):
             self, method, target, (int(major or 1), int(minor or 1)), self._headers
         )
         request.last = not parser.should_keep_alive()
+        if parser.should_upgrade():
+            self._body_framing = _body_framing(request.headers)
         self._raw, self._raw_size, self._url, self._headers = [], 0, b"", []
         self.task = task = self._loop.create_task(self.server.handle(request))
         task.add_done_callback(self._answered)
@@ -356,8 +371,38 @@ class Front(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.request is not None
+        if self._body_framing:
+            return  # llhttp's end of an upgrade offer: its body is still to come
         self.request.body_complete()
         self._parser = None  # llhttp would carry on with the next message; ours is new
+
+
+def _body_framing(headers: CIMultiDictProxy[str]) -> bytes:
+    """A request head that frames a body as ``headers`` do (b"" for no body)."""
+    if "Transfer-Encoding" in headers:  # llhttp let only a chunked coding through
+        return b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    length = headers.get("Content-Length", "0")
+    if length == "0":
+        return b""
+    return b"POST / HTTP/1.1\r\nContent-Length: %b\r\n\r\n" % length.encode()
+
+
+class _BodyOnly:
+    """The callbacks of a parser that reads one body after its framing head (see
+    :func:`_body_framing`): its chunks go to the front's request, and a second message
+    begun after it is a pipelined request, as on the front's own parser."""
+
+    __slots__ = ("_begun", "on_body", "on_message_complete")
+
+    def __init__(self, front: Front) -> None:
+        self._begun = False
+        self.on_body = front.on_body
+        self.on_message_complete = front.on_message_complete
+
+    def on_message_begin(self) -> None:
+        if self._begun:
+            raise _Pipelined
+        self._begun = True
 
 
 class Request:

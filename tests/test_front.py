@@ -420,3 +420,69 @@ async def test_a_lingering_connection_closes_once_the_client_goes_quiet(
         assert (await wire.answer()).status == 413
         assert await wire.closed()
         await step(connections_lost.get())  # the client neither sent more nor closed
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [b"zz\r\nnot a chunk size\r\n", b"3\r\nabcdef"],
+    ids=["bad-size", "overlong-chunk"],
+)
+async def test_a_body_that_breaks_its_framing_gets_400_and_the_connection_closes(
+    upstream: FakeUpstream, wire: Wire, rest: bytes
+) -> None:
+    wire.send(
+        b"POST %b HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4\r\n{"a"\r\n%b' % (STREAM, rest)
+    )
+    answer = await wire.answer()
+    assert answer.status == 400
+    assert json.loads(answer.body)["data"]["error"] == "bad_request"
+    assert answer.headers["connection"] == "close"
+    assert await wire.closed()
+    assert not upstream.seen
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"Content-Length: 13\r\n", b'{"prompt":1}\n'),
+        (b"Transfer-Encoding: chunked\r\n", b'6\r\n{"prom\r\n7\r\npt":1}\n\r\n0\r\n\r\n'),
+    ],
+    ids=["sized", "chunked"],
+)
+@pytest.mark.parametrize("expect", [False, True], ids=["at-once", "after-100-continue"])
+async def test_an_upgrade_offer_is_ignored_and_the_body_relayed(
+    upstream: FakeUpstream, wire: Wire, framing: bytes, body: bytes, expect: bool
+) -> None:
+    """``curl --http2`` on a plain http URL offers h2c on a POST with its body. The relay
+    does not switch protocols: it serves the request as HTTP/1.1, body and all (llhttp
+    would have taken the body for the new protocol's bytes), and drops the offer's headers.
+    With ``Expect: 100-continue`` the body follows the head only once the relay asks.
+    """
+    upstream.respond(200, b"ok")
+    wire.send(
+        b"POST %b HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n%b%b\r\n"
+        % (STREAM, framing, b"Expect: 100-continue\r\n" if expect else b"")
+    )
+    if expect:
+        assert (await wire.answer()).status == 100
+    wire.send(body)
+    answer = await wire.answer()
+    assert (answer.status, answer.body) == (200, b"ok")
+    seen = upstream.seen[0]
+    assert seen.body == b'{"prompt":1}\n'
+    assert not {"upgrade", "http2-settings", "connection"} & set(seen.headers)
+
+
+async def test_a_request_pipelined_after_an_upgrade_offers_body_is_not_read_into_it(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    upstream.respond(200, b"ok")
+    wire.send(
+        b"POST %b HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+        b'Content-Length: 8\r\n\r\n{"a":1}\n' % STREAM + post(b'{"b":2}')
+    )
+    assert (await wire.answer()).status == 200
+    assert await wire.closed()
+    assert [seen.body for seen in upstream.seen] == [b'{"a":1}\n']
