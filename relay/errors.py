@@ -9,6 +9,7 @@
     ├── OriginNotAllowed         403 origin_not_allowed
     ├── NotFound                 404 not_found
     ├── MethodNotAllowed         405 method_not_allowed
+    ├── RequestTimeout           408 request_timeout     (the body stopped arriving)
     ├── PayloadTooLarge          413 payload_too_large
     ├── RateLimited              429 rate_limited        (Retry-After)
     ├── UpstreamUnavailable      502 upstream_unavailable
@@ -78,6 +79,10 @@ class MethodNotAllowed(RelayError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allow)}
+
+
+class RequestTimeout(RelayError):
+    status, code = 408, "request_timeout"
 
 
 class PayloadTooLarge(RelayError):

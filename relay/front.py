@@ -14,9 +14,11 @@ stream cost in Python (``python -m bench.floor`` measured it), so the front keep
   which refuses ambiguous framing (both headers, repeated lengths). A request's body is
   read as the handler asks for it, with the socket paused past :data:`BODY_HIGH_WATER`;
   ``Expect: 100-continue`` is answered when the handler first reads. A body that breaks
-  its framing fails the handler's read with a 400. An upgrade offer (``Upgrade: h2c``,
-  ``websocket``) is ignored, as HTTP allows: the request is served as HTTP/1.1, its body
-  read by a parser of its own (llhttp would take it for the new protocol's bytes).
+  its framing fails the handler's read with a 400; one that stops arriving for
+  :data:`BODY_GAP_SECONDS`, with a 408 (a dead client would hold its stream slot). An
+  upgrade offer (``Upgrade: h2c``, ``websocket``) is ignored, as HTTP allows: the request
+  is served as HTTP/1.1, its body read by a parser of its own (llhttp would take it for
+  the new protocol's bytes).
 - **One request at a time.** Bytes that arrive while a request is being answered wait
   (reading pauses past :data:`PENDING_LIMIT`) and are parsed once it ends. A second request
   in the same read as the end of the first (pipelining) ends the connection after the
@@ -47,12 +49,13 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from relay.errors import BadRequest
+from relay.errors import BadRequest, RequestTimeout
 
 logger = structlog.get_logger("relay.front")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered before the socket is paused
+BODY_GAP_SECONDS = 60.0  # the longest a body being read may pause (nginx's client_body_timeout)
 PENDING_LIMIT = 64 * 1024  # bytes held for the next request while one is answered
 KEEPALIVE_SECONDS = 75.0  # an idle connection's life between requests (nginx's default)
 LINGER_SECONDS = 30.0  # the longest a closing connection discards what the client still sends
@@ -511,8 +514,16 @@ class Request:
             elif self._error is not None:
                 raise self._error
             else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                await self._waiter
+                loop = asyncio.get_running_loop()
+                self._waiter = loop.create_future()
+                stalled = loop.call_later(BODY_GAP_SECONDS, self._stalled)
+                try:
+                    await self._waiter
+                finally:
+                    stalled.cancel()
+
+    def _stalled(self) -> None:
+        self.lost(RequestTimeout(f"no request body bytes for {BODY_GAP_SECONDS:g} s"))
 
     # -- the response ------------------------------------------------------------------------
 

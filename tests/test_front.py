@@ -486,3 +486,25 @@ async def test_a_request_pipelined_after_an_upgrade_offers_body_is_not_read_into
     assert (await wire.answer()).status == 200
     assert await wire.closed()
     assert [seen.body for seen in upstream.seen] == [b'{"a":1}\n']
+
+
+async def test_a_body_that_stops_arriving_fails_with_408(
+    monkeypatch: pytest.MonkeyPatch, upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """A client that dies mid-upload (a phone that lost its network) says nothing more:
+    the request fails once its body pauses too long, and frees what it held."""
+    monkeypatch.setattr(front, "BODY_GAP_SECONDS", 0.05)
+    relay = await make_relay(max_streams_per_client=1)
+    async with connected(relay) as wire:
+        wire.send(b'POST %b HTTP/1.1\r\nHost: relay\r\nContent-Length: 20\r\n\r\n{"a"' % STREAM)
+        answer = await wire.answer()
+        assert answer.status == 408
+        assert json.loads(answer.body)["data"]["error"] == "request_timeout"
+        assert answer.headers["connection"] == "close"
+        assert await wire.closed()
+    assert relay.metric("relay_requests_total", route="stream", model="-", code="408") == 1
+    assert not upstream.seen
+    upstream.respond(200, b"ok")
+    async with connected(relay) as wire:  # the stalled request's stream slot is free again
+        wire.send(post())
+        assert (await wire.answer()).status == 200
