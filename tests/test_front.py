@@ -70,6 +70,13 @@ class Wire:
         """True once the relay closed the connection (EOF with nothing more sent)."""
         return await step(self.reader.read()) == b""
 
+    async def refused(self) -> tuple[int, str]:
+        """Read a refusal after which the relay closes: its status and ``data.error``."""
+        answer = await self.answer()
+        assert answer.headers["connection"] == "close"
+        assert await self.closed()
+        return answer.status, json.loads(answer.body)["data"]["error"]
+
 
 @contextlib.asynccontextmanager
 async def connected(relay: Relay) -> AsyncIterator[Wire]:
@@ -155,18 +162,13 @@ async def test_a_malformed_request_gets_the_envelope_and_the_connection_closes(
     upstream: FakeUpstream, wire: Wire
 ) -> None:
     wire.send(b"POST /api/v3/x/stream HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
-    answer = await wire.answer()
-    assert answer.status == 400
-    assert json.loads(answer.body)["data"]["error"] == "bad_request"
-    assert await wire.closed()
+    assert await wire.refused() == (400, "bad_request")
     assert not upstream.seen
 
 
 async def test_an_oversized_request_head_is_refused(upstream: FakeUpstream, wire: Wire) -> None:
     wire.send(b"POST %b HTTP/1.1\r\nX-Big: %b" % (STREAM, b"a" * (front.MAX_HEAD_BYTES + 1)))
-    answer = await wire.answer()
-    assert answer.status == 400
-    assert await wire.closed()
+    assert await wire.refused() == (400, "bad_request")
     assert not upstream.seen
 
 
@@ -296,11 +298,7 @@ async def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(
             b"POST %b HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
             b'8\r\n{"a":"12\r\n8\r\n34567"}\r\n' % STREAM  # and never the last chunk
         )
-        answer = await wire.answer()
-        assert answer.status == 413
-        assert json.loads(answer.body)["data"]["error"] == "payload_too_large"
-        assert answer.headers["connection"] == "close"
-        assert await wire.closed()
+        assert await wire.refused() == (413, "payload_too_large")
     assert not upstream.seen
 
 
@@ -434,11 +432,7 @@ async def test_a_body_that_breaks_its_framing_gets_400_and_the_connection_closes
         b"POST %b HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
         b'4\r\n{"a"\r\n%b' % (STREAM, rest)
     )
-    answer = await wire.answer()
-    assert answer.status == 400
-    assert json.loads(answer.body)["data"]["error"] == "bad_request"
-    assert answer.headers["connection"] == "close"
-    assert await wire.closed()
+    assert await wire.refused() == (400, "bad_request")
     assert not upstream.seen
 
 
@@ -497,11 +491,7 @@ async def test_a_body_that_stops_arriving_fails_with_408(
     relay = await make_relay(max_streams_per_client=1)
     async with connected(relay) as wire:
         wire.send(b'POST %b HTTP/1.1\r\nHost: relay\r\nContent-Length: 20\r\n\r\n{"a"' % STREAM)
-        answer = await wire.answer()
-        assert answer.status == 408
-        assert json.loads(answer.body)["data"]["error"] == "request_timeout"
-        assert answer.headers["connection"] == "close"
-        assert await wire.closed()
+        assert await wire.refused() == (408, "request_timeout")
     assert relay.metric("relay_requests_total", route="stream", model="-", code="408") == 1
     assert not upstream.seen
     upstream.respond(200, b"ok")
