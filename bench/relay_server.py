@@ -3,6 +3,8 @@
 - ``--metrics off`` (W6): :class:`relay.metrics.RelayMetrics` is patched so a stream's
   meters are no-ops and ``finish`` records nothing; everything else is the real relay.
 - ``--gc-tuned``: an experiment only (``python -m bench.profile --gc-tuned``).
+- ``--trace FILE``: stamps the steps of each new request, written to ``FILE`` at exit
+  (``python -m bench.trace``).
 - ``SIGUSR1`` writes ``{"tasks": N, "streams": M}`` to ``$BENCH_STATS_FILE``: the open
   asyncio tasks and relay streams, so W7 can look for leaks from outside.
 
@@ -73,6 +75,7 @@ def main() -> None:
         action="store_true",
         help="an experiment for bench.profile: gc.freeze() after start-up, rarer collections",
     )
+    parser.add_argument("--trace", metavar="FILE", help="for bench.trace: per-request stamps")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -80,6 +83,10 @@ def main() -> None:
     log.configure(config.log_level, config.log_format, secrets=[config.api_key])
     if args.metrics == "off":
         metrics_off()
+    if args.trace:
+        from bench import trace
+
+        trace.install(args.trace)
     stats_path = os.environ.get("BENCH_STATS_FILE")
 
     async def run() -> None:
