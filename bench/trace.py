@@ -141,6 +141,7 @@ def table(traces: list[list[int]]) -> list[tuple[str, float, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.trace", description=__doc__)
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=200.0, help="new requests per second")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     raise_nofile()
@@ -158,7 +159,7 @@ def main() -> int:
             direct = Target(upstream_port, None, upstream_port, upstream.pid)
             relayed = Target(relay.port, relay, upstream_port, upstream.pid)
             seen = {
-                name: uvloop.run(w5_ttfb(target, rate=200.0, count=args.requests))
+                name: uvloop.run(w5_ttfb(target, rate=args.rate, count=args.requests))
                 for name, target in (("direct", direct), ("relay", relayed))
             }
         finally:
@@ -167,7 +168,8 @@ def main() -> int:
             upstream.wait(10)
         traces = json.loads(stamps.read_text())
     lines = [
-        f"W5, {args.requests} new requests at 200/s; time to first byte as the client sees it:"
+        f"W5, {args.requests} new requests at {args.rate:g}/s; time to first byte as the"
+        " client sees it:"
         f" direct p50 {seen['direct']['p50_us']} us, relay p50 {seen['relay']['p50_us']} us.",
         f"Steps of the {len(traces)} requests traced in order (us):",
         "",
@@ -176,7 +178,8 @@ def main() -> int:
     ]
     lines += [f"| {step:<64} | {p50:6.1f} | {p90:5.1f} |" for step, p50, p90 in table(traces)]
     text = "\n".join(lines) + "\n"
-    (args.out / "trace-w5.txt").write_text(text)
+    name = "trace-w5.txt" if args.rate == 200.0 else f"trace-w5-{args.rate:g}.txt"
+    (args.out / name).write_text(text)
     print(text)
     return 0
 
