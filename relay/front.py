@@ -13,7 +13,8 @@ stream cost in Python (``python -m bench.floor`` measured it), so the front keep
 - **Framing is llhttp's.** Content-Length and chunked bodies are decoded by the parser,
   which refuses ambiguous framing (both headers, repeated lengths). A request's body is
   read as the handler asks for it, with the socket paused past :data:`BODY_HIGH_WATER`;
-  ``Expect: 100-continue`` is answered when the handler first reads. A body that breaks
+  ``Expect: 100-continue`` is answered when the handler first reads; a chunked body's
+  trailer fields are dropped (the body goes upstream with a length). A body that breaks
   its framing fails the handler's read with a 400; one that stops arriving for
   :data:`BODY_GAP_SECONDS`, with a 408 (a dead client would hold its stream slot). An
   upgrade offer (``Upgrade: h2c``, ``websocket``) is ignored, as HTTP allows: the request
@@ -344,6 +345,8 @@ class Front(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.request is not None:
+            return  # a chunked body's trailer field: forwarded nowhere, and not the next head's
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:

@@ -498,3 +498,23 @@ async def test_a_body_that_stops_arriving_fails_with_408(
     async with connected(relay) as wire:  # the stalled request's stream slot is free again
         wire.send(post())
         assert (await wire.answer()).status == 200
+
+
+async def test_a_chunked_bodys_trailers_are_dropped_not_carried_into_the_next_request(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    """llhttp reports trailer fields like header fields, after the head. They belong to
+    no request the relay forwards (the body goes upstream with a length), and above all
+    not to the next request on the connection."""
+    upstream.respond(200, b"ok")
+    wire.send(
+        b"POST %b HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\nX-Request-ID: from-a-trailer\r\nX-Smuggled: 1\r\n\r\n" % STREAM
+    )
+    first = await wire.answer()
+    wire.send(post())
+    second = await wire.answer()
+    assert (first.status, second.status) == (200, 200)
+    assert "from-a-trailer" not in (first.headers["x-request-id"], second.headers["x-request-id"])
+    assert not any("x-smuggled" in seen.headers for seen in upstream.seen)
+    assert [seen.body for seen in upstream.seen] == [b"{}", b"{}"]
