@@ -11,15 +11,16 @@ stream cost in Python (``python -m bench.floor`` measured it), so the front keep
   it and closes the connection (``relay.server.RelayRunner``), so a browser's next
   request, to a relayed path, arrives on a new connection at the front.
 - **Framing is llhttp's.** Content-Length and chunked bodies are decoded by the parser,
-  which refuses ambiguous framing (both headers, repeated lengths). A request's body is
-  read as the handler asks for it, with the socket paused past :data:`BODY_HIGH_WATER`;
+  which refuses ambiguous framing (both headers, repeated lengths); the front refuses a
+  coding besides ``chunked`` (``gzip, chunked``), which it would not undo. A request's body
+  is read as the handler asks for it, with the socket paused past :data:`BODY_HIGH_WATER`;
   ``Expect: 100-continue`` is answered when the handler first reads; a chunked body's
-  trailer fields are dropped (the body goes upstream with a length). A body that breaks
-  its framing fails the handler's read with a 400; one that stops arriving for
+  trailer fields are dropped (the body goes upstream with a length). A body that breaks its
+  framing fails the handler's read with a 400; one that stops arriving for
   :data:`BODY_GAP_SECONDS`, with a 408 (a dead client would hold its stream slot). An
   upgrade offer (``Upgrade: h2c``, ``websocket``) is ignored, as HTTP allows: the request
-  is served as HTTP/1.1, its body read by a parser of its own (llhttp would take it for
-  the new protocol's bytes).
+  is served as HTTP/1.1, its body read by a parser of its own (llhttp would take it for the
+  new protocol's bytes).
 - **One request at a time.** Bytes that arrive while a request is being answered wait
   (reading pauses past :data:`PENDING_LIMIT`) and are parsed once it ends. A second request
   in the same read as the end of the first (pipelining) ends the connection after the
@@ -75,6 +76,10 @@ class _HandOff(Exception):
 
 class _Pipelined(Exception):
     """Raised from the parser's callback: a second request began in the same read."""
+
+
+class _Unframeable(Exception):
+    """Raised from the parser's callback: a body coded in a way the relay does not undo."""
 
 
 class FrontServer:
@@ -260,6 +265,9 @@ class Front(asyncio.Protocol):
                 self._closing_after = True
                 self._parser = None
                 return None
+            if isinstance(cause, _Unframeable):
+                self._malformed(str(cause))
+                return None
             raise
         except httptools.HttpParserUpgrade as upgrade:
             # An upgrade offer (``curl --http2`` makes one on plain http): the relay switches
@@ -360,9 +368,12 @@ class Front(asyncio.Protocol):
             self._idle.cancel()
             self._idle = None
         major, _, minor = parser.get_http_version().partition(".")
-        request = self.request = Request(
-            self, method, target, (int(major or 1), int(minor or 1)), self._headers
-        )
+        request = Request(self, method, target, (int(major or 1), int(minor or 1)), self._headers)
+        coding = request.headers.get("Transfer-Encoding")  # llhttp allows one, ending in chunked
+        if coding is not None and coding.strip().lower() != "chunked":  # "gzip, chunked"
+            # llhttp undoes only the chunking: the rest would go upstream as if it were the body
+            raise _Unframeable("a transfer coding other than chunked")
+        self.request = request
         request.last = not parser.should_keep_alive()
         if parser.should_upgrade():
             self._body_framing = _body_framing(request.headers)

@@ -158,10 +158,19 @@ async def test_expect_100_continue_is_answered_when_the_body_is_read(
     assert await wire.closed()
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 1\r\nContent-Length: 2\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: gzip, chunked\r\n",  # llhttp would undo the chunking alone
+    ],
+    ids=["two-lengths", "length-and-chunked", "coded-body"],
+)
 async def test_a_malformed_request_gets_the_envelope_and_the_connection_closes(
-    upstream: FakeUpstream, wire: Wire
+    upstream: FakeUpstream, wire: Wire, framing: bytes
 ) -> None:
-    wire.send(b"POST /api/v3/x/stream HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    wire.send(b"POST %b HTTP/1.1\r\nHost: relay\r\n%b\r\n0\r\n\r\n" % (STREAM, framing))
     assert await wire.refused() == (400, "bad_request")
     assert not upstream.seen
 
