@@ -226,6 +226,8 @@ class Front(asyncio.Protocol):
             return
         self._parser = None
         self._pending.clear()
+        if self._idle is not None:  # the wait for a request head, when that head was refused
+            self._idle.cancel()
         self._heard = now = self._loop.time()
         self._linger_until = now + LINGER_SECONDS
         transport.write_eof()  # after what is still buffered: the client reads all of it
