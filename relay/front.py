@@ -215,6 +215,12 @@ class Front(asyncio.Protocol):
     def _await_request(self) -> None:
         self._idle = self._loop.call_later(KEEPALIVE_SECONDS, self.close)
 
+    def _last_request(self) -> None:
+        """No request after this one: its response, if not begun, says so (Connection: close)."""
+        self._closing_after = True
+        if self.request is not None:
+            self.request.last = True
+
     def _close_after_reading(self) -> None:
         """Close once the client stops sending: shut our side now, and discard what arrives
         (the module's docstring says why)."""
@@ -264,7 +270,7 @@ class Front(asyncio.Protocol):
             if isinstance(cause, _HandOff):
                 return self._hand_off()
             if isinstance(cause, _Pipelined):
-                self._closing_after = True
+                self._last_request()
                 self._parser = None
                 return None
             if isinstance(cause, _Unframeable):
@@ -275,7 +281,7 @@ class Front(asyncio.Protocol):
             # An upgrade offer (``curl --http2`` makes one on plain http): the relay switches
             # to nothing and serves the request as HTTP/1.1. llhttp ended the message at its
             # head, so a body that follows is read by a parser of its own.
-            self._closing_after = True
+            self._last_request()
             self._parser = None
             if framing := self._body_framing:
                 self._body_framing = b""
@@ -296,7 +302,7 @@ class Front(asyncio.Protocol):
         request = self.request
         if request is not None:  # the body was malformed: its reader fails with a 400
             request.lost(BadRequest(f"malformed request body: {why}"))
-            self._closing_after = True
+            self._last_request()
             return
         request = Request(self, "GET", "/", (1, 1), [])
         request.last = True
@@ -539,7 +545,8 @@ class Request:
                     stalled.cancel()
 
     def _stalled(self) -> None:
-        self.lost(RequestTimeout(f"no request body bytes for {BODY_GAP_SECONDS:g} s"))
+        if not self._body:  # bytes that came in the same turn of the loop are not a stall
+            self.lost(RequestTimeout(f"no request body bytes for {BODY_GAP_SECONDS:g} s"))
 
     # -- the response ------------------------------------------------------------------------
 

@@ -189,6 +189,7 @@ async def test_requests_pipelined_in_one_write_end_the_connection_after_the_firs
     wire.send(post() + post())
     answer = await wire.answer()
     assert (answer.status, answer.body) == (200, b"one")
+    assert answer.headers["connection"] == "close"  # the client learns it from the answer
     assert await wire.closed()
     assert len(upstream.seen) == 1
 
@@ -527,3 +528,17 @@ async def test_a_chunked_bodys_trailers_are_dropped_not_carried_into_the_next_re
     assert "from-a-trailer" not in (first.headers["x-request-id"], second.headers["x-request-id"])
     assert not any("x-smuggled" in seen.headers for seen in upstream.seen)
     assert [seen.body for seen in upstream.seen] == [b"{}", b"{}"]
+
+
+async def test_an_upgrade_offer_without_a_body_is_served_and_the_connection_closes(
+    upstream: FakeUpstream, wire: Wire
+) -> None:
+    """A WebSocket handshake on a relayed path gets an HTTP/1.1 answer, never a 101; what
+    follows the head is not HTTP, so the connection ends after the answer."""
+    upstream.respond(200, b"ok")
+    wire.send(post(b"", extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+    answer = await wire.answer()
+    assert (answer.status, answer.body) == (200, b"ok")
+    assert answer.headers["connection"] == "close"
+    assert await wire.closed()
+    assert not {"upgrade", "connection"} & set(upstream.seen[0].headers)
