@@ -238,7 +238,9 @@ class Front(asyncio.Protocol):
         self._linger_until = now + LINGER_SECONDS
         transport.write_eof()  # after what is still buffered: the client reads all of it
         transport.resume_reading()
-        self._idle = self._loop.call_at(now + LINGER_GAP_SECONDS, self._linger)
+        self._idle = self._loop.call_at(
+            min(now + LINGER_GAP_SECONDS, self._linger_until), self._linger
+        )
 
     def _linger(self) -> None:
         now = self._loop.time()

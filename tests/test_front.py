@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -542,3 +543,129 @@ async def test_an_upgrade_offer_without_a_body_is_served_and_the_connection_clos
     assert answer.headers["connection"] == "close"
     assert await wire.closed()
     assert not {"upgrade", "connection"} & set(upstream.seen[0].headers)
+
+
+@dataclass
+class Timer:
+    """A timer :class:`ManualClock` keeps instead of the loop."""
+
+    when: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualClock:
+    """Stands in for one front's loop: ``time()`` is the test's, and ``call_at`` only
+    records the timer, which the test fires with :meth:`fire`. Everything else is the loop's.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.now = 0.0
+        self.timer: Timer | None = None
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        self.timer = Timer(when, callback)
+        return self.timer
+
+    def fire(self) -> float:
+        """Run the latest timer at its time, as the loop would; returns that time."""
+        timer, self.timer = self.timer, None
+        assert timer is not None
+        assert not timer.cancelled
+        self.now = timer.when
+        timer.callback()
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+async def test_a_lingering_connection_closes_at_the_cap_however_long_the_client_sends(
+    monkeypatch: pytest.MonkeyPatch, make_relay: RelayFactory, connections_lost: asyncio.Queue[None]
+) -> None:
+    """A client that keeps trickling bytes into a refused upload is never quiet for
+    ``LINGER_GAP_SECONDS``, so only ``LINGER_SECONDS`` ends the linger: the relay's
+    timers run on a clock the test moves, and the client sends within every gap."""
+    clock = ManualClock(asyncio.get_running_loop())
+    heard: asyncio.Queue[float] = asyncio.Queue()
+    connection_made, data_received = front.Front.connection_made, front.Front.data_received
+
+    def on_clock(self: front.Front, transport: asyncio.BaseTransport) -> None:
+        self._loop = clock  # type: ignore[assignment]
+        connection_made(self, transport)
+
+    def spy(self: front.Front, data: bytes) -> None:
+        data_received(self, data)
+        heard.put_nowait(self._heard)
+
+    monkeypatch.setattr(front.Front, "connection_made", on_clock)
+    monkeypatch.setattr(front.Front, "data_received", spy)
+    relay = await make_relay(max_body_bytes=1024)
+    async with connected(relay) as wire:
+        wire.send(refused_upload(1 << 20))
+        assert (await wire.answer()).status == 413
+        assert await wire.closed()  # the relay's side is shut, and it lingers from time 0
+        await step(heard.get())  # the head
+        fired = [0.0]
+        while fired[-1] < front.LINGER_SECONDS:  # the relay still reads: the client sends
+            clock.now += front.LINGER_GAP_SECONDS - 1  # within the gap
+            wire.send(b"x" * 1024)
+            assert await step(heard.get()) == clock.now
+            fired.append(clock.fire())
+        await step(connections_lost.get())
+    assert fired[-1] == front.LINGER_SECONDS  # closed by the cap, at the cap
+    assert len(fired) > 3  # after the gap's timer had fired and been put off a few times
+
+
+async def test_a_last_response_survives_what_the_client_sent_after_its_request(
+    monkeypatch: pytest.MonkeyPatch, upstream: FakeUpstream, make_relay: RelayFactory
+) -> None:
+    """A client that asked for the connection to close and still sent more while its
+    stream ran (a request it will retry elsewhere) may send yet more after the response:
+    the relay lingers rather than close, or that would be met with a reset that destroys
+    the response's unread end in the client's socket."""
+    answered: asyncio.Queue[None] = asyncio.Queue()
+    held: asyncio.Queue[None] = asyncio.Queue()
+    on_answered, data_received = front.Front._answered, front.Front.data_received
+
+    def answered_spy(self: front.Front, task: asyncio.Task[None]) -> None:
+        on_answered(self, task)
+        answered.put_nowait(None)
+
+    def held_spy(self: front.Front, data: bytes) -> None:
+        data_received(self, data)
+        if self._pending:
+            held.put_nowait(None)
+
+    monkeypatch.setattr(front.Front, "_answered", answered_spy)
+    monkeypatch.setattr(front.Front, "data_received", held_spy)
+    relay = await make_relay()
+    feed = upstream.stream()
+    host, port = relay.url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    with socket.create_connection((host, int(port))) as client:
+        client.setblocking(False)
+        await loop.sock_sendall(client, post(extra=b"Connection: close\r\n"))
+        feed.send(b"data: 1\n\n")
+        received = b""
+        while not received.endswith(b"data: 1\n\n\r\n"):  # the stream runs
+            received += await step(loop.sock_recv(client, 65536))
+        await step(loop.sock_sendall(client, post()))  # so this request waits
+        await step(held.get())
+        feed.end()
+        await step(answered.get())  # the response's end now waits, unread, in the client
+        for _ in range(16):
+            await step(loop.sock_sendall(client, b"x" * 4096))
+        while data := await step(loop.sock_recv(client, 65536)):
+            received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"  # to its end, then the relay's close
+    assert len(upstream.seen) == 1
