@@ -8,9 +8,11 @@ anything equal to a configured secret, or shaped like a bearer credential, is re
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any, TextIO
 
@@ -19,6 +21,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[REDACTED]"
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_NESTED = (dict, list, tuple)  # a tuple, not a union: isinstance checks it without a lookup
 
 
 class Redactor:
@@ -45,14 +48,70 @@ class Redactor:
         return value
 
     def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-        # In place: structlog hands each processor chain a fresh dict. Most values of the
-        # canonical record are numbers, which need no look at all.
+        # One look at all the strings together first: the usual record (ids, a route, a
+        # model, numbers) holds no secret, no whitespace and nothing unprintable, and then
+        # no value can need scrubbing. The separator is printable and not whitespace, so
+        # it changes neither test; a secret it completes only sends us the long way.
+        strings: list[str] = []
+        for value in event_dict.values():
+            if isinstance(value, str):
+                strings.append(value)
+            elif isinstance(value, _NESTED):
+                break  # nested values: one by one
+        else:
+            joined = "|".join(strings)
+            if " " not in joined and joined.isprintable():
+                for secret in self._secrets:
+                    if secret in joined:
+                        break
+                else:
+                    return event_dict
+        # In place: structlog hands each processor chain a fresh dict.
         for key, value in event_dict.items():
             if isinstance(value, str):
                 event_dict[key] = self.scrub(value)
-            elif isinstance(value, dict | list | tuple):
+            elif isinstance(value, _NESTED):
                 event_dict[key] = self._value(value)
         return event_dict
+
+
+class UtcStamper:
+    """structlog's ``TimeStamper(fmt="iso", utc=True)``, to the character, for half the
+    work: the date and the time of day are formatted once a second, not per record."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        second, nanos = divmod(time.time_ns(), 1_000_000_000)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        micro = nanos // 1000  # rounded down, as datetime.now() does
+        # as datetime.isoformat() writes it: no fraction at all when it is zero
+        event_dict["timestamp"] = f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+        return event_dict
+
+
+def _json_fallback(value: Any) -> Any:
+    """What JSON cannot hold: its ``__structlog__()`` if it has one, else its ``repr``
+    (structlog's own fallback)."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+_JSON = json.JSONEncoder(default=_json_fallback)
+
+
+def _dumps(event_dict: EventDict, **_: Any) -> str:
+    """``json.dumps`` with one encoder for every record: json.dumps(..., default=...)
+    builds a new one each call."""
+    return _JSON.encode(event_dict)
 
 
 class _Output:
@@ -98,12 +157,12 @@ def configure(
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        UtcStamper(),
         structlog.processors.format_exc_info,
         redactor,
     ]
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -174,5 +175,33 @@ def test_console_format_is_human_readable() -> None:
 )
 def test_redaction_table(text: str, scrubbed: str) -> None:
     """Secrets and bearer-shaped credentials go whatever whitespace separates them; other
-    values pass unchanged."""
-    assert log.Redactor([FAKE_KEY]).scrub(text) == scrubbed
+    values pass unchanged. A record is scrubbed value by value to the same effect, nested
+    values included, beside values that need nothing (the usual record takes one look at
+    all its strings together)."""
+    redactor = log.Redactor([FAKE_KEY])
+    assert redactor.scrub(text) == scrubbed
+    plain = {"event": "request_finished", "status": 200, "ttfb_ms": 1.5, "outcome": None}
+    assert redactor(None, "info", {**plain, "value": text}) == {**plain, "value": scrubbed}
+    nested = {**plain, "value": [text, {"deeper": (text,)}]}
+    expected = {**plain, "value": [scrubbed, {"deeper": [scrubbed]}]}
+    assert redactor(None, "info", nested) == expected
+
+
+def test_a_record_is_not_redacted_for_a_secret_only_its_values_together_spell() -> None:
+    record = {"model": "sk-one", "client": "two"}
+    assert log.Redactor(["sk-one|two"])(None, "info", dict(record)) == record
+
+
+@pytest.mark.parametrize(
+    "nanos",
+    [1_765_118_740_123_456_789, 1_765_118_740_000_000_000, 1_765_118_740_000_000_999, 999],
+    ids=["fraction", "whole-second", "under-a-microsecond", "epoch"],
+)
+def test_the_timestamp_is_structlogs_iso_utc_to_the_character(
+    monkeypatch: pytest.MonkeyPatch, nanos: int
+) -> None:
+    monkeypatch.setattr(log.time, "time_ns", lambda: nanos)
+    at = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    at += datetime.timedelta(microseconds=nanos // 1000)
+    stamped = log.UtcStamper()(None, "info", {})["timestamp"]
+    assert stamped == at.isoformat().replace("+00:00", "Z")  # what TimeStamper writes
