@@ -51,7 +51,7 @@ class Counted:
     """The relay under callgrind: zero its counters, run a batch, read what it executed."""
 
     def __init__(
-        self, tree: Path, upstream_port: int, workdir: Path, extra: dict[str, str]
+        self, tree: Path, upstream_port: int, workdir: Path, extra: dict[str, str], metrics: bool
     ) -> None:
         self.port = free_port()
         self.workdir = workdir
@@ -60,7 +60,7 @@ class Counted:
         env.update(extra)
         argv = [
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.%p",
-            sys.executable, "-m", "bench.relay_server",
+            sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off",
         ]  # fmt: skip
         self._log = (workdir / "relay.log").open("wb")
         self.proc = subprocess.Popen(
@@ -135,10 +135,11 @@ async def measure(
     rate: float,
     keep: Path | None = None,
     env: dict[str, str] | None = None,
+    metrics: bool = True,
 ) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-instr-"))
     upstream, upstream_port = start_upstream(workdir, None)
-    relay = Counted(tree, upstream_port, workdir, env or {})
+    relay = Counted(tree, upstream_port, workdir, env or {}, metrics)
     try:
         await relay.started()
         await _requests(relay.port, WARMUP_REQUESTS)
@@ -178,6 +179,7 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="set for the relay, e.g. RELAY_LOG_LEVEL=warning to leave out the request log",
     )
+    parser.add_argument("--metrics", choices=("on", "off"), default="on", help="as W6 runs it")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed: apt-get install -y valgrind")
@@ -189,6 +191,7 @@ def main() -> None:
             args.rate,
             args.keep,
             dict(e.split("=", 1) for e in args.env),
+            args.metrics == "on",
         )
     )
     result["tree"] = str(args.tree)

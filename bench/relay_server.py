@@ -65,6 +65,7 @@ class _NopMeters:
 def metrics_off() -> None:
     RelayMetrics.stream = lambda self, model, exchange: _NopMeters()  # type: ignore[method-assign,assignment,return-value]
     RelayMetrics.finish = lambda self, exchange, duration: None  # type: ignore[method-assign]
+    RelayMetrics.terminal = lambda self, model, terminal: None  # type: ignore[method-assign]
 
 
 def main() -> None:

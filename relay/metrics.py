@@ -43,8 +43,10 @@ TERMINALS = ("done", "complete", "error", "none")
 
 
 FLUSH_SECONDS = 1.0  # how far /metrics may lag an open stream's chunk figures
+_TTFB_BOUNDS = (*TTFB_BUCKETS, math.inf)
 _GAP_BOUNDS = (*GAP_BUCKETS, math.inf)
 _FORWARD_BOUNDS = (*FORWARD_BUCKETS, math.inf)
+_DURATION_BOUNDS = (*DURATION_BUCKETS, math.inf)
 
 
 class StreamMeters:
@@ -86,7 +88,7 @@ class StreamMeters:
         previous = self._previous
         if previous is None:
             self._exchange.first_byte_at = written
-            self.ttfb.observe(written - self._exchange.started)
+            _observe(self.ttfb, _TTFB_BOUNDS, written - self._exchange.started)
         else:
             gap = received - previous
             self._gap_counts[bisect_left(_GAP_BOUNDS, gap)] += 1
@@ -120,6 +122,13 @@ class StreamMeters:
             self._events_flushed = self.events.events
 
 
+def _observe(histogram: Any, bounds: tuple[float, ...], value: float) -> None:
+    """``histogram.observe(value)`` for a child whose ``bounds`` are given, without its
+    per-call checks and its loop over the buckets (the fields are :func:`_add`'s)."""
+    histogram._sum.inc(value)
+    histogram._buckets[bisect_left(bounds, value)].inc(1)
+
+
 def _add(histogram: Any, counts: list[int], total: float) -> None:
     """Add binned observations to a histogram child, as that many ``observe`` calls would.
 
@@ -141,6 +150,11 @@ class RelayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._children: dict[str, tuple[Any, ...]] = {}
+        # The children each finished request counts in, by their label values: resolving
+        # them with .labels() is a good part of what recording a request costs.
+        self._finished: dict[tuple[str, str, int], Any] = {}
+        self._outcomes: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._terminals: dict[tuple[str, str], Any] = {}
         self._live: set[StreamMeters] = set()  # the open streams' meters
         self._flusher: asyncio.TimerHandle | None = None
         r = self.registry
@@ -242,9 +256,27 @@ class RelayMetrics:
 
     def finish(self, exchange: Exchange, duration: float) -> None:
         """Record a finished request: called once per request, also on cancellation."""
-        self.requests.labels(exchange.route, exchange.model, str(exchange.status)).inc()
+        key = (exchange.route, exchange.model, exchange.status)
+        requests = self._finished.get(key)
+        if requests is None:  # routes, allowlisted models and status codes: a bounded set
+            requests = self._finished[key] = self.requests.labels(*key[:2], str(key[2]))
+        requests.inc()
         if exchange.error is not None:
             self.rejections.labels(exchange.error).inc()
         if exchange.upstream_contacted:
-            self.duration.labels(exchange.model, exchange.outcome).observe(duration)
-            self.streams.labels(exchange.model, exchange.outcome).inc()
+            outcome = (exchange.model, exchange.outcome)
+            children = self._outcomes.get(outcome)
+            if children is None:
+                children = self._outcomes[outcome] = (
+                    self.duration.labels(*outcome),
+                    self.streams.labels(*outcome),
+                )
+            _observe(children[0], _DURATION_BOUNDS, duration)
+            children[1].inc()
+
+    def terminal(self, model: str, terminal: str) -> None:
+        """Count how an event stream ended (``TERMINALS``)."""
+        child = self._terminals.get((model, terminal))
+        if child is None:
+            child = self._terminals[model, terminal] = self.terminals.labels(model, terminal)
+        child.inc()

@@ -284,7 +284,7 @@ async def _stream(
         meters.close()
         if sse is not None:
             exchange.sse_events, exchange.terminal = sse.events, sse.terminal
-            state.metrics.terminals.labels(exchange.model, sse.terminal).inc()
+            state.metrics.terminal(exchange.model, sse.terminal)
         state.stream_closed(watchdog)
         meters.active.dec()
         if upstream is not None:

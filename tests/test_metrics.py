@@ -325,6 +325,38 @@ async def test_batched_stream_meters_equal_direct_observations() -> None:
     assert exchange.first_byte_at == times[0][1]
 
 
+def test_finished_requests_are_recorded_as_labels_and_observe_would_record_them() -> None:
+    """``finish`` and ``terminal`` keep the label children they resolve and bin durations
+    themselves; what they record equals ``.labels(...).observe()`` per request, bucket
+    bounds included."""
+    from relay.exchange import Exchange
+    from relay.metrics import DURATION_BUCKETS, RelayMetrics
+
+    kept, direct = RelayMetrics(), RelayMetrics()
+    for i, duration in enumerate([0.0, 0.3, 7.0, 5000.0, *DURATION_BUCKETS]):
+        exchange = Exchange(request_id="r", client="c", started=0.0)
+        exchange.route, exchange.model, exchange.upstream_contacted = "stream", MODEL, True
+        exchange.status, exchange.outcome = [(200, "completed"), (502, "upstream_error")][i % 2]
+        kept.finish(exchange, duration)
+        kept.terminal(MODEL, "done")
+        direct.requests.labels("stream", MODEL, str(exchange.status)).inc()
+        direct.duration.labels(MODEL, exchange.outcome).observe(duration)
+        direct.streams.labels(MODEL, exchange.outcome).inc()
+        direct.terminals.labels(MODEL, "done").inc()
+
+    def samples(recorded: RelayMetrics) -> dict:
+        text = generate_latest(recorded.registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(kept) == samples(direct)
+    assert samples(kept)[("relay_streams_total", (("model", MODEL), ("outcome", "completed")))]
+
+
 async def test_family_matches_are_labelled_by_their_pattern(
     upstream: FakeUpstream, relay: Relay
 ) -> None:
