@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -105,13 +106,14 @@ def _json_fallback(value: Any) -> Any:
         return repr(value)
 
 
-_JSON = json.JSONEncoder(default=_json_fallback)
-
-
 def _dumps(event_dict: EventDict, **_: Any) -> str:
-    """``json.dumps`` with one encoder for every record: json.dumps(..., default=...)
-    builds a new one each call."""
-    return _JSON.encode(event_dict)
+    """A record as compact JSON. orjson refuses what JSON text cannot carry as such (a lone
+    surrogate, as a token's claims or a foreign record may hold; an integer past 64 bits):
+    such a record goes through the standard library, which escapes it."""
+    try:
+        return orjson.dumps(event_dict, default=_json_fallback).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(event_dict, default=_json_fallback, separators=(",", ":"))
 
 
 class _Output:

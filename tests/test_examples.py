@@ -82,7 +82,7 @@ async def test_readme_route_commands_stream_through_the_relay(command: str, tmp_
                 assert output.rstrip().endswith(b"data: [DONE]")
             relay.proc.terminate()
             assert await relay.finish() == 0
-        assert '"outcome": "completed"' in relay.output
+        assert '"outcome":"completed"' in relay.output
         assert "local" not in [
             line.split('"client":')[0] for line in relay.lines if "Bearer" in line
         ]

@@ -144,6 +144,16 @@ def test_foreign_records_are_json_and_redacted(logs: Captured) -> None:
     assert loop["logger"] == "asyncio"
 
 
+def test_a_record_json_cannot_carry_as_it_is_is_still_one_json_line(logs: Captured) -> None:
+    """A lone surrogate (a token's sub may hold one, a foreign record too) and an integer
+    past 64 bits are refused by the fast renderer; the record is still written, escaped."""
+    structlog.get_logger("relay").info("odd", client="token:\udc80", n=2**70, key=FAKE_KEY)
+    structlog.get_logger("relay").info("plain", size=1)
+    odd, plain = logs.records
+    assert (odd["client"], odd["n"], odd["key"]) == ("token:\udc80", 2**70, "[REDACTED]")
+    assert plain["size"] == 1
+
+
 def test_console_format_is_human_readable() -> None:
     """RELAY_LOG_FORMAT=console renders key=value lines, still redacted."""
     stream = io.StringIO()

@@ -127,4 +127,4 @@ async def test_sigterm_lets_a_workers_stream_finish(upstream: FakeUpstream) -> N
             feed.end()
             assert await read_all(response) == b"data: 2\n\n"
         assert await relay.finish() == 0
-    assert '"outcome": "completed"' in relay.output
+    assert '"outcome":"completed"' in relay.output
