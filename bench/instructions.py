@@ -1,22 +1,24 @@
 """``python -m bench.instructions``: what one new request and one relayed event cost the
-relay in CPU instructions, counted by valgrind's callgrind rather than timed.
+relay, and nginx, in CPU instructions, counted by valgrind's callgrind rather than timed.
 
 Timings on this shared machine drift by 10 to 20% between runs, which hides any change to
 the per-request path smaller than that (W5). An instruction count does not drift: the same
 code on the same inputs executes the same instructions whatever else the machine does. So
-this runs the relay under ``valgrind --tool=callgrind`` in front of the fake upstream and,
-after a warm-up, counts:
+this runs each system under ``valgrind --tool=callgrind`` in front of the fake upstream
+and, after a warm-up, counts:
 
 - **per request**: W5's request (a new connection, one SSE event) sent one at a time;
 - **per event**: the events of one stream at a steady rate (W2's per-chunk path).
 
 Each figure is the counter difference over a measured batch divided by its size, so
 start-up and warm-up are left out (``callgrind_control --zero`` before, ``--dump`` after).
-Instructions are not time (a cache miss costs more than an instruction), but fewer
-instructions on the same path is less work, measured to well under 1%. Compare commits
-with ``--tree`` pointing at a ``git archive`` of the other commit.
+User-space instructions only: the kernel's share (TCP on loopback, about the same for
+both, see the README) is not counted. Instructions are not time (a cache miss costs more
+than an instruction), but fewer instructions on the same path is less work, measured to
+well under 1%. Compare commits with ``--tree`` pointing at a ``git archive`` of another.
 
-Needs valgrind (``apt-get install -y valgrind``); runs in about two minutes.
+Needs valgrind (``apt-get install -y valgrind``); nginx is counted when installed, as one
+process (``master_process off``). Runs in about a minute.
 """
 
 from __future__ import annotations
@@ -33,7 +35,16 @@ import time
 from pathlib import Path
 
 from bench.client import open_stream, request_bytes
-from bench.systems import HERE, free_port, raise_nofile, relay_env, start_upstream
+from bench.harness import RESULTS
+from bench.systems import (
+    HERE,
+    free_port,
+    nginx_argv,
+    nginx_binary,
+    raise_nofile,
+    relay_env,
+    start_upstream,
+)
 
 WARMUP_REQUESTS = 100
 STARTUP_SECONDS = 180.0  # the relay's imports run some 50 times slower under valgrind
@@ -48,23 +59,18 @@ def _total(out: Path) -> int:
 
 
 class Counted:
-    """The relay under callgrind: zero its counters, run a batch, read what it executed."""
+    """A system under callgrind: zero its counters, run a batch, read what it executed."""
 
     def __init__(
-        self, tree: Path, upstream_port: int, workdir: Path, extra: dict[str, str], metrics: bool
+        self, argv: list[str], env: dict[str, str], cwd: Path, port: int, workdir: Path
     ) -> None:
-        self.port = free_port()
+        self.port = port
         self.workdir = workdir
-        env = relay_env(upstream_port, self.port)
-        env["PYTHONPATH"] = str(tree)
-        env.update(extra)
-        argv = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.%p",
-            sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off",
-        ]  # fmt: skip
-        self._log = (workdir / "relay.log").open("wb")
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.%p", *argv]
+        self._log_path = workdir / "system.log"
+        self._log = self._log_path.open("wb")
         self.proc = subprocess.Popen(
-            argv, env=env, cwd=tree, stdout=self._log, stderr=subprocess.STDOUT,
+            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=raise_nofile,
         )  # fmt: skip
 
@@ -72,7 +78,7 @@ class Counted:
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError((self.workdir / "relay.log").read_text()[-2000:])
+                raise RuntimeError(self._log_path.read_text()[-2000:])
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
             except OSError:
@@ -80,7 +86,7 @@ class Counted:
                 continue
             writer.close()
             return
-        raise RuntimeError("the relay did not start under valgrind")
+        raise RuntimeError("the system did not start under valgrind")
 
     def _control(self, *args: str) -> None:
         subprocess.run(
@@ -110,6 +116,21 @@ class Counted:
         self._log.close()
 
 
+def relay_system(
+    tree: Path, upstream_port: int, workdir: Path, env: dict[str, str], metrics: bool
+) -> Counted:
+    port = free_port()
+    full_env = relay_env(upstream_port, port) | {"PYTHONPATH": str(tree)} | env
+    argv = [sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off"]
+    return Counted(argv, full_env, tree, port, workdir)
+
+
+def nginx_system(upstream_port: int, workdir: Path) -> Counted:
+    port = free_port()
+    argv = nginx_argv(upstream_port, port, workdir, directives="master_process off;\n")
+    return Counted(argv, dict(os.environ), workdir, port, workdir)
+
+
 async def _requests(port: int, count: int) -> None:
     """W5's request, one at a time, each on a new connection, read to its end."""
     request = request_bytes(port, "mode=sse&n=1&pad=40")
@@ -128,39 +149,44 @@ async def _events(port: int, count: int, rate: float) -> None:
         raise RuntimeError(f"status {stream.status}")
 
 
-async def measure(
-    tree: Path,
-    requests: int,
-    events: int,
-    rate: float,
-    keep: Path | None = None,
-    env: dict[str, str] | None = None,
-    metrics: bool = True,
+async def count(
+    system: Counted, requests: int, events: int, rate: float, keep: Path | None
 ) -> dict[str, float]:
+    try:
+        await system.started()
+        await _requests(system.port, WARMUP_REQUESTS)
+        system.zero()
+        await _requests(system.port, requests)
+        per_request = system.dump(keep and keep / "callgrind.requests") / requests
+        # One stream: its request, and its events at the given rate. A second stream
+        # twice as long tells the per-event cost apart from the per-request one.
+        system.zero()
+        await _events(system.port, events, rate)
+        short = system.dump()
+        system.zero()
+        await _events(system.port, 2 * events, rate)
+        long = system.dump(keep and keep / "callgrind.events")
+    finally:
+        system.stop()
+    return {"per_request": per_request, "per_event": (long - short) / events}
+
+
+async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-instr-"))
     upstream, upstream_port = start_upstream(workdir, None)
-    relay = Counted(tree, upstream_port, workdir, env or {}, metrics)
+    results = {}
     try:
-        await relay.started()
-        await _requests(relay.port, WARMUP_REQUESTS)
-        relay.zero()
-        await _requests(relay.port, requests)
-        per_request = relay.dump(keep and keep / "callgrind.requests") / requests
-        # One stream: its request, and its events at W2's per-stream rate. A second
-        # stream twice as long tells the per-event cost apart from the per-request one.
-        relay.zero()
-        await _events(relay.port, events, rate)
-        short = relay.dump()
-        relay.zero()
-        await _events(relay.port, 2 * events, rate)
-        long = relay.dump(keep and keep / "callgrind.events")
-        per_event = (long - short) / events
+        env = dict(e.split("=", 1) for e in args.env)
+        relay = relay_system(args.tree.resolve(), upstream_port, workdir, env, args.metrics == "on")
+        results["relay"] = await count(relay, args.requests, args.events, args.rate, args.keep)
+        if nginx_binary() is not None and not args.no_nginx:
+            nginx = nginx_system(upstream_port, workdir)
+            results["nginx"] = await count(nginx, args.requests, args.events, args.rate, None)
     finally:
-        relay.stop()
         upstream.terminate()
         upstream.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"instructions_per_request": per_request, "instructions_per_event": per_event}
+    return results
 
 
 def main() -> None:
@@ -180,22 +206,21 @@ def main() -> None:
         help="set for the relay, e.g. RELAY_LOG_LEVEL=warning to leave out the request log",
     )
     parser.add_argument("--metrics", choices=("on", "off"), default="on", help="as W6 runs it")
+    parser.add_argument("--no-nginx", action="store_true", help="count the relay only")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed: apt-get install -y valgrind")
-    result = asyncio.run(
-        measure(
-            args.tree.resolve(),
-            args.requests,
-            args.events,
-            args.rate,
-            args.keep,
-            dict(e.split("=", 1) for e in args.env),
-            args.metrics == "on",
-        )
-    )
-    result["tree"] = str(args.tree)
-    print(json.dumps({k: round(v) if isinstance(v, float) else v for k, v in result.items()}))
+    results = asyncio.run(measure(args))
+    for name, figures in results.items():
+        print(f"{name:6} {figures['per_request']:>10,.0f} instructions per request "
+              f"{figures['per_event']:>8,.0f} per event")  # fmt: skip
+    out = RESULTS / "instructions.json"
+    out.write_text(json.dumps({"args": sys.argv[1:], "results": results}, indent=1) + "\n")
+    print(f"written: {out}")
+    if "nginx" in results:
+        relay, nginx = results["relay"], results["nginx"]
+        print(f"relay / nginx: {relay['per_request'] / nginx['per_request']:.1f}x per request, "
+              f"{relay['per_event'] / nginx['per_event']:.1f}x per event")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -307,11 +307,12 @@ def nginx_binary() -> str | None:
     )
 
 
-def start_nginx(upstream_port: int, workdir: Path, cpu: int | None) -> System:
+def nginx_argv(upstream_port: int, port: int, workdir: Path, *, directives: str = "") -> list[str]:
+    """The command that runs nginx from ``nginx.conf.template`` on ``port``, with any
+    main-context ``directives`` put first (``master_process off;`` for one process)."""
     binary = nginx_binary()
     if binary is None:
         raise FileNotFoundError(NGINX_HINT)
-    port = free_port()
     prefix = workdir / "nginx"
     prefix.mkdir(exist_ok=True)
     (prefix / "logs").mkdir(exist_ok=True)
@@ -319,8 +320,13 @@ def start_nginx(upstream_port: int, workdir: Path, cpu: int | None) -> System:
     conf = conf.replace("{prefix}", str(prefix))
     conf = conf.replace("{port}", str(port)).replace("{upstream_port}", str(upstream_port))
     conf_path = prefix / "nginx.conf"
-    conf_path.write_text(conf)
-    argv = [binary, "-p", str(prefix), "-c", str(conf_path)]
+    conf_path.write_text(directives + conf)
+    return [binary, "-p", str(prefix), "-c", str(conf_path)]
+
+
+def start_nginx(upstream_port: int, workdir: Path, cpu: int | None) -> System:
+    port = free_port()
+    argv = nginx_argv(upstream_port, port, workdir)
     proc, log = _spawn("nginx", argv, dict(os.environ), workdir, cpu)
     return _listening(System("nginx", port, proc, workdir, measure_children=True), log, 10)
 
