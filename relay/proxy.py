@@ -226,11 +226,13 @@ async def _stream(
         outgoing.sent()
         exchange.status = upstream.status
         watchdog.streaming(asyncio.get_running_loop().time())
-        tap: ChunkTap | None = None
+        tap: ChunkTap | None = None  # bound methods, called per chunk: see pump()
         if upstream.content_type == "text/event-stream":
-            tap = meters.events = sse = SseTap()
+            meters.events = sse = SseTap()
+            tap = sse.__call__
         elif owner is not None and upstream.status == 200:
-            tap = submission = SubmissionTap()
+            submission = SubmissionTap()
+            tap = submission.__call__
         request.start(
             upstream.status,
             upstream.reason,

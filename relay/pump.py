@@ -219,7 +219,9 @@ async def pump(upstream: Connection, forward: Forwarder, request: Request) -> No
     to drain whenever the forwarder found it full. Raises the upstream's failure, or
     :class:`ClientGone`; the caller classifies it.
     """
-    upstream.attach(forward)  # the chunks that came with the response head go out now
+    # The bound method, not the object: a method object is called by vectorcall, an object
+    # with __call__ through a slower generic path (1.4k of 23k instructions per event).
+    upstream.attach(forward.__call__)  # the chunks that came with the response head go out now
     forward.flush()
     while not await upstream.wait():
         await request.front.drain()  # the client reads again (or is gone: this raises)
