@@ -28,8 +28,6 @@ _MINIMAX_FINAL = re.compile(rb'"status"\s*:\s*2\b')
 _DONE = re.compile(rb"(?:^|\n)data:[ ]?\[DONE\][ \t]*(?:\n|$)")
 
 HEAD = TAIL = 32 * 1024  # what is kept of one event larger than HEAD + TAIL
-BATCH_BYTES = 4096  # chunks held (by reference) before the tap looks at them...
-BATCH_CHUNKS = 64  # ... or this many, whichever comes first
 
 
 def classify(event: bytes) -> str | None:
@@ -47,78 +45,30 @@ def classify(event: bytes) -> str | None:
 
 
 class SseTap:
-    """Called with every chunk of one event stream, after the chunk has been forwarded.
+    """Called with every chunk of one event stream, after the chunk has been forwarded."""
 
-    It looks at chunks in batches: a chunk is only kept (a reference, not a copy) until
-    :data:`BATCH_BYTES` or :data:`BATCH_CHUNKS` are held, or until someone reads
-    :attr:`events`, :attr:`terminal` or :attr:`at_boundary` (the metrics flush does each
-    second, the heartbeat when it is due, the handler at the stream's end). Each look costs
-    a few C calls whatever it covers, so a stream of small events pays for them once per
-    batch instead of once per event.
-    """
-
-    __slots__ = ("_batch", "_events", "_held", "_pending", "_terminal")
+    __slots__ = ("_pending", "events", "terminal")
 
     def __init__(self) -> None:
-        self._batch: list[bytes] = []
-        self._held = 0
         self._pending = b""
-        self._events = 0
-        self._terminal = NONE
-
-    @property
-    def events(self) -> int:
-        """Events seen so far (data-carrying blocks; comments and bare fields are not)."""
-        self._settle()
-        return self._events
-
-    @property
-    def terminal(self) -> str:
-        """The last terminal event seen: ``done``, ``complete``, ``error``, or ``none``."""
-        self._settle()
-        return self._terminal
+        self.events = 0
+        self.terminal = NONE
 
     @property
     def at_boundary(self) -> bool:
         """Whether everything forwarded so far ends on an event boundary."""
-        self._settle()
         return not self._pending
 
     def __call__(self, chunk: bytes) -> None:
-        self._batch.append(chunk)
-        self._held += len(chunk)
-        if self._held >= BATCH_BYTES or len(self._batch) >= BATCH_CHUNKS:
-            self._settle()
-
-    def _settle(self) -> None:
-        batch = self._batch
-        if batch:
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            batch.clear()
-            self._held = 0
-            self._look(data)
-
-    def _look(self, chunk: bytes) -> None:
-        """Account for ``chunk``, the stream's next bytes (one chunk or a batch of them)."""
-        # The usual batch is whole plain events: settle it with a few C calls. On CPython
+        # The usual chunk is one whole plain event: settle it with a few C calls. On CPython
         # 3.11 ``bytes.partition`` is the cheapest search there is (about 40 ns; ``find``
         # parses its arguments the slow way and costs twice that, ``in`` more still).
         if not self._pending:
             event, boundary, rest = chunk.partition(b"\n\n")
-            if not boundary or chunk.partition(b"\r")[1] or _marked(chunk):
-                pass  # inside an event, CR line ends, or maybe a terminal: the long way
-            elif not rest:  # one event
+            if boundary and not rest and not event.partition(b"\r")[1] and not _marked(event):
                 if event[:4] == b"data" or event.partition(b"\ndata")[1]:
-                    self._events += 1
+                    self.events += 1
                 return
-            elif chunk[-2:] == b"\n\n" and chunk[:4] == b"data":
-                # Several events, each counted if every separator is followed by "data"
-                # (a block that starts so, or with a lone newline and then "data", as the
-                # split below would see it): then the counts of the two agree.
-                separators = chunk.count(b"\n\n")
-                if separators == chunk.count(b"\n\ndata") + 1:
-                    self._events += separators
-                    return
         self._general(chunk)
 
     def _general(self, chunk: bytes) -> None:
@@ -136,9 +86,9 @@ class SseTap:
         for event in whole.split(b"\n\n"):
             if not (event[:4] == b"data" or event.partition(b"\ndata")[1]):
                 continue  # comments and field-only blocks dispatch no event
-            self._events += 1
+            self.events += 1
             if marked and (kind := classify(event)) is not None:
-                self._terminal = kind
+                self.terminal = kind
 
 
 def _marked(events: bytes) -> bytes:

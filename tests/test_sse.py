@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.sse import BATCH_BYTES, BATCH_CHUNKS, HEAD, TAIL, SseTap, classify
+from relay.sse import HEAD, TAIL, SseTap, classify
 
 MINIMAX_AUDIO = b'data: {"data":{"audio":"00ff","status":1},"base_resp":{"status_code":0}}'
 MINIMAX_FINAL = (
@@ -117,42 +117,3 @@ def test_one_chunk_per_event_reads_like_one_chunk_for_all(events: list[bytes]) -
     assert (per_event.events, per_event.terminal) == (at_once.events, at_once.terminal)
     assert per_event.at_boundary
     assert at_once.at_boundary
-
-
-@example(events=[b": a comment", b"data: 1"], cuts=[], reads=set())  # not all events
-@example(events=[b"data: 1", b"\ndata: 2", b"", b"data: 3"], cuts=[], reads=set())  # blank runs
-@example(events=[b"data: 1", b": a comment"], cuts=[12], reads={0})  # ends inside an event
-@given(
-    events=st.lists(st.sampled_from(EVENTS), max_size=24),
-    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=30),
-    reads=st.sets(st.integers(min_value=0, max_value=30), max_size=8),
-)
-def test_batched_looks_agree_with_the_general_path(
-    events: list[bytes], cuts: list[int], reads: set[int]
-) -> None:
-    """However the stream is cut into chunks and whenever the tap is read (which makes it
-    look at what it holds), its counts are those of the general path fed chunk by chunk;
-    the shortcuts (one event, several plain events) only ever agree with it."""
-    stream = b"".join(event + b"\n\n" for event in events)
-    edges = [0, *sorted(c for c in cuts if c < len(stream)), len(stream)]
-    batched, general = SseTap(), SseTap()
-    for i, (start, end) in enumerate(itertools.pairwise(edges)):
-        batched(stream[start:end])
-        general._general(stream[start:end])
-        if i in reads:
-            assert batched.at_boundary == (not general._pending)
-    assert (batched.events, batched.terminal) == (general._events, general._terminal)
-    assert batched.at_boundary == (not general._pending)
-
-
-def test_the_tap_holds_chunks_only_up_to_its_batch() -> None:
-    """Chunks wait by reference, a batch at most: past it the tap looks at once."""
-    tap = SseTap()
-    tap(b"data: 1\n\n")
-    assert tap._batch  # held, not yet looked at
-    tap(b"data: " + b"x" * BATCH_BYTES + b"\n\n")
-    assert not tap._batch
-    for _ in range(BATCH_CHUNKS):
-        tap(b"data: 2\n\n")
-    assert not tap._batch
-    assert tap.events == 2 + BATCH_CHUNKS
