@@ -8,6 +8,7 @@ when installed, as the yardstick), in shuffled order, pinned as ``python -m benc
 them. It runs one workload per round and prints each round and the medians:
 
 - ``w2``: CPU ms per 1,000 events under W2's fan-out (500 streams x 20 events/s);
+- ``w2-p99``: W2's p99 event delay in us (the fan-out's tail);
 - ``w4``: W4's RSS per idle open stream (8,000 streams);
 - ``w5``: W5's time to first byte, p50 added over the direct upstream (measured just
   before each system).
@@ -58,6 +59,7 @@ def export(commit: str, into: Path) -> Path:
 
 UNITS = {
     "w2": "CPU ms per 1,000 events",
+    "w2-p99": "us W2 event delay p99 (the fan-out's tail)",
     "w4": "KiB RSS per idle open stream",
     "w5": "us added TTFB p50",
 }
@@ -69,13 +71,13 @@ async def measure(workload: str, target: Target, upstream: Target) -> float:
     1,000 events, W4's RSS per idle stream, or W5's p50 added over the direct upstream
     (measured just before the system)."""
     params = PROFILES["full"]
-    if workload == "w2":
+    if workload in ("w2", "w2-p99"):
         result = await w2_fanout(target, **params["w2"])
         if "error" in result:
             raise RuntimeError(f"W2 failed: {result['error']}")
         if result["window"] != "steady":  # it fell behind: its CPU per event includes queueing
             print(f"  {target.system.name if target.system else '?'} saturated in this round")
-        return 1000 * result["cpu_s_per_1k_events"]
+        return 1000 * result["cpu_s_per_1k_events"] if workload == "w2" else result["p99_us"]
     if workload == "w4":
         result = await w4_idle(target, **params["w4"])
         return result["rss_per_stream_bytes"] / 1024
