@@ -107,13 +107,18 @@ def _json_fallback(value: Any) -> Any:
 
 
 def _dumps(event_dict: EventDict, **_: Any) -> str:
-    """A record as compact JSON. orjson refuses what JSON text cannot carry as such (a lone
-    surrogate, as a token's claims or a foreign record may hold; an integer past 64 bits):
-    such a record goes through the standard library, which escapes it."""
+    """A record as compact JSON, and ASCII whatever stdout's encoding: orjson renders it,
+    and the standard library (which escapes) takes the rare record that orjson would write
+    with other characters, or refuses (a lone surrogate, as a token's claims or a foreign
+    record may hold; an integer past 64 bits)."""
     try:
-        return orjson.dumps(event_dict, default=_json_fallback).decode()
+        text = orjson.dumps(event_dict, default=_json_fallback).decode()
     except orjson.JSONEncodeError:
-        return json.dumps(event_dict, default=_json_fallback, separators=(",", ":"))
+        pass
+    else:
+        if text.isascii():
+            return text
+    return json.dumps(event_dict, default=_json_fallback, separators=(",", ":"))
 
 
 class _Output:

@@ -144,13 +144,21 @@ def test_foreign_records_are_json_and_redacted(logs: Captured) -> None:
     assert loop["logger"] == "asyncio"
 
 
-def test_a_record_json_cannot_carry_as_it_is_is_still_one_json_line(logs: Captured) -> None:
+def test_a_record_json_cannot_carry_as_it_is_is_still_one_ascii_json_line(
+    logs: Captured,
+) -> None:
     """A lone surrogate (a token's sub may hold one, a foreign record too) and an integer
-    past 64 bits are refused by the fast renderer; the record is still written, escaped."""
-    structlog.get_logger("relay").info("odd", client="token:\udc80", n=2**70, key=FAKE_KEY)
-    structlog.get_logger("relay").info("plain", size=1)
-    odd, plain = logs.records
+    past 64 bits are refused by the fast renderer, and other characters than ASCII would
+    be written raw; each record is still written, escaped, so that a stdout in any
+    encoding takes it."""
+    logger = structlog.get_logger("relay")
+    logger.info("odd", client="token:\udc80", n=2**70, key=FAKE_KEY)
+    logger.info("wide", client="token:\u7528\u6237")
+    logger.info("plain", size=1)
+    assert logs.stream.getvalue().isascii()
+    odd, wide, plain = logs.records
     assert (odd["client"], odd["n"], odd["key"]) == ("token:\udc80", 2**70, "[REDACTED]")
+    assert wide["client"] == "token:\u7528\u6237"
     assert plain["size"] == 1
 
 
