@@ -150,11 +150,7 @@ class RelayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._children: dict[str, tuple[Any, ...]] = {}
-        # The children each finished request counts in, by their label values: resolving
-        # them with .labels() is a good part of what recording a request costs.
-        self._finished: dict[tuple[str, str, int], Any] = {}
-        self._outcomes: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._terminals: dict[tuple[str, str], Any] = {}
+        self._kept: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see _child
         self._live: set[StreamMeters] = set()  # the open streams' meters
         self._flusher: asyncio.TimerHandle | None = None
         r = self.registry
@@ -256,27 +252,24 @@ class RelayMetrics:
 
     def finish(self, exchange: Exchange, duration: float) -> None:
         """Record a finished request: called once per request, also on cancellation."""
-        key = (exchange.route, exchange.model, exchange.status)
-        requests = self._finished.get(key)
-        if requests is None:  # routes, allowlisted models and status codes: a bounded set
-            requests = self._finished[key] = self.requests.labels(*key[:2], str(key[2]))
-        requests.inc()
+        self._child(self.requests, exchange.route, exchange.model, str(exchange.status)).inc()
         if exchange.error is not None:
-            self.rejections.labels(exchange.error).inc()
+            self._child(self.rejections, exchange.error).inc()
         if exchange.upstream_contacted:
-            outcome = (exchange.model, exchange.outcome)
-            children = self._outcomes.get(outcome)
-            if children is None:
-                children = self._outcomes[outcome] = (
-                    self.duration.labels(*outcome),
-                    self.streams.labels(*outcome),
-                )
-            _observe(children[0], _DURATION_BOUNDS, duration)
-            children[1].inc()
+            histogram = self._child(self.duration, exchange.model, exchange.outcome)
+            _observe(histogram, _DURATION_BOUNDS, duration)
+            self._child(self.streams, exchange.model, exchange.outcome).inc()
 
     def terminal(self, model: str, terminal: str) -> None:
         """Count how an event stream ended (``TERMINALS``)."""
-        child = self._terminals.get((model, terminal))
+        self._child(self.terminals, model, terminal).inc()
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: resolving label children is a good part of
+        what recording a request costs, and the values (routes, allowlisted models, status
+        codes, outcomes, error codes) come from bounded sets."""
+        key = (metric, values)
+        child = self._kept.get(key)
         if child is None:
-            child = self._terminals[model, terminal] = self.terminals.labels(model, terminal)
-        child.inc()
+            child = self._kept[key] = metric.labels(*values)
+        return child
