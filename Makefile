@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test lint typecheck pytest demo serve bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py relay/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -94,8 +94,9 @@ class StreamMeters:
             self._gap_counts[bisect_left(_GAP_BOUNDS, gap)] += 1
             self._gap_sum += gap
         self._previous = received
-        forward = written - received
-        self._forward_counts[bisect_left(_FORWARD_BOUNDS, forward)] += 1
+        forward = written - received  # nearly always in the first bucket: skip the search
+        index = 0 if forward <= _FORWARD_BOUNDS[0] else bisect_left(_FORWARD_BOUNDS, forward)
+        self._forward_counts[index] += 1
         self._forward_sum += forward
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from relay.exchange import (
     Exchange,
 )
 from relay.metrics import StreamMeters
+from relay.speedups import frame
 from relay.sse import SseTap
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ class Forwarder:
         elif not self._chunked:
             transport.write(chunk)
         elif size < self._small:
-            transport.write(b"%x\r\n%b\r\n" % (size, chunk))
+            transport.write(frame(chunk))
         else:
             transport.writelines((b"%x\r\n" % size, chunk, b"\r\n"))
         written = time.monotonic()
@@ -191,7 +192,7 @@ class Forwarder:
         """The response head, and the first chunk framed after it, in one write."""
         head, self._head = self._head, b""
         if chunk and self._chunked:
-            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            chunk = frame(chunk)
         self._transport.write(head + chunk)
 
     def write(self, data: bytes) -> bool:
@@ -204,7 +205,7 @@ class Forwarder:
         if not self._chunked:
             transport.write(data)
         elif len(data) < self._small:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            transport.write(frame(data))
         else:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         if self._protocol.writing_paused:

@@ -18,7 +18,7 @@ from typing import Any, cast
 import structlog
 from aiohttp import web
 
-from relay import cors
+from relay import cors, speedups
 from relay.app import create_app, handle, serves
 from relay.config import Config
 from relay.exchange import SHUTDOWN
@@ -121,6 +121,7 @@ async def serve(
         admin_url=admin_url,
         upstream=config.upstream_url,
         allowed_models=list(config.allowed_models),
+        speedups=speedups.COMPILED,
     )
     if on_ready is not None:
         on_ready(public_url, admin_url)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+from relay.speedups import marked, plain_event
+
 NONE = "none"
 
 # Cheap byte checks first; a regex runs only on events that pass them.
@@ -60,15 +62,10 @@ class SseTap:
         return not self._pending
 
     def __call__(self, chunk: bytes) -> None:
-        # The usual chunk is one whole plain event: settle it with a few C calls. On CPython
-        # 3.11 ``bytes.partition`` is the cheapest search there is (about 40 ns; ``find``
-        # parses its arguments the slow way and costs twice that, ``in`` more still).
-        if not self._pending:
-            event, boundary, rest = chunk.partition(b"\n\n")
-            if boundary and not rest and not event.partition(b"\r")[1] and not _marked(event):
-                if event[:4] == b"data" or event.partition(b"\ndata")[1]:
-                    self.events += 1
-                return
+        # The usual chunk is one whole plain event: settled by one scan (relay/speedups.py).
+        if not self._pending and (kind := plain_event(chunk)) >= 0:
+            self.events += kind
+            return
         self._general(chunk)
 
     def _general(self, chunk: bytes) -> None:
@@ -82,24 +79,13 @@ class SseTap:
             return
         self._pending = _bounded(data[end + 2 :]) if end + 2 < len(data) else b""
         whole = data[:end]  # every event this chunk completes
-        marked = _marked(whole)  # one look for the markers per chunk, not per event
+        any_marked = marked(whole)  # one look for the markers per chunk, not per event
         for event in whole.split(b"\n\n"):
             if not (event[:4] == b"data" or event.partition(b"\ndata")[1]):
                 continue  # comments and field-only blocks dispatch no event
             self.events += 1
-            if marked and (kind := classify(event)) is not None:
+            if any_marked and (kind := classify(event)) is not None:
                 self.terminal = kind
-
-
-def _marked(events: bytes) -> bytes:
-    """Whether ``events`` may hold a terminal event (non-empty when so): a cheap look for
-    the byte strings every terminal carries, before :func:`classify` runs its patterns."""
-    return (
-        events.partition(b"[DONE]")[1]
-        or events.partition(b'"complete"')[1]
-        or events.partition(b'"error"')[1]
-        or events.partition(b"base_resp")[1]
-    )
 
 
 def _bounded(rest: bytes) -> bytes:

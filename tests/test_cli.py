@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from relay import speedups
 from tests.conftest import FAKE_KEY, STEP, FakeUpstream, read_all, require_program, step
 
 STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
@@ -23,12 +24,14 @@ class RelayProcess:
         self.proc = proc
         self.lines: list[str] = []
         self.url = self.admin_url = ""
+        self.start: dict = {}
 
     async def started(self) -> None:
         while True:
             record = await self.record()
             if record.get("event") == "relay_started":
                 self.url, self.admin_url = record["url"], record["admin_url"]
+                self.start = record
                 return
 
     async def record(self) -> dict:
@@ -99,6 +102,7 @@ async def test_curl_streams_through_relay_serve(upstream: FakeUpstream) -> None:
     assert FAKE_KEY not in relay.output
     finished = [json.loads(x) for x in relay.output.splitlines() if "request_finished" in x]
     assert finished[0]["outcome"] == "completed"
+    assert relay.start["speedups"] is speedups.COMPILED  # which per-chunk scans ran
 
 
 async def test_sigterm_lets_open_streams_finish(upstream: FakeUpstream) -> None:

@@ -471,6 +471,9 @@ def test_dockerfile_builds_a_slim_non_root_image() -> None:
     exposed = {int(p) for k, a in instructions if k == "EXPOSE" for p in a.split()}
     assert exposed == {PUBLIC_PORT, ADMIN_PORT}
     assert "curl" not in dict(instructions)["HEALTHCHECK"]
+    runtime = [i for i, (k, _) in enumerate(instructions) if k == "FROM"][-1]
+    build = instructions[:runtime]
+    assert any(k == "RUN" and "gcc" in a for k, a in build), "relay._speedups needs a compiler"
 
 
 def test_dockerignore_admits_exactly_what_the_dockerfile_copies() -> None:

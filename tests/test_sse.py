@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import relay.sse
+from relay.speedups import plain_event_py
 from relay.sse import HEAD, TAIL, SseTap, classify
+
+
+@pytest.fixture(scope="module", autouse=True, params=["as installed", "pure Python"])
+def _scans(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test here runs with the tap's look as installed (compiled, where it was
+    built) and again with the pure-Python one."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "pure Python":
+            patch.setattr(relay.sse, "plain_event", plain_event_py)
+        yield
+
 
 MINIMAX_AUDIO = b'data: {"data":{"audio":"00ff","status":1},"base_resp":{"status_code":0}}'
 MINIMAX_FINAL = (

@@ -1,0 +1,77 @@
+"""The compiled byte scans (relay/_speedups.c) give what their Python versions give."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from relay import speedups
+from relay.speedups import MARKERS, frame_py, plain_event_py
+
+if speedups.COMPILED:
+    from relay import _speedups
+elif os.environ.get("CI") == "true":
+    pytest.fail(
+        "relay._speedups was not built (no C compiler?), and CI must test it",
+        pytrace=False,
+    )
+else:
+    pytest.skip("relay._speedups was not built (no C compiler?)", allow_module_level=True)
+
+# The pieces SSE chunks are made of, with every byte the scans look for, near misses of the
+# markers, and the markers themselves.
+PIECES = [
+    b"data", b"data:", b": ", b"event: x", b"id: 1", b"x", b" ", b"\n", b"\n\n", b"\r",
+    b"\r\n", b"{", b"}", b'"', b"[", b"]", b"b", b"o", b"p", b"_", b"dat", b"\nda",
+    b'"type":"progress"', b"[DON", b'"complet', b'"erro"', b"base_res", b"ab" * 40,
+    *MARKERS,
+]  # fmt: skip
+
+
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=16))
+@example(pieces=[b"data: x", b"\n\n"])
+@example(pieces=[b"\n\n"])
+@example(pieces=[b"x", b"\n", b"\n\n"])
+def test_plain_event_agrees_with_python(pieces: list[bytes]) -> None:
+    """For any chunk, the compiled look settles it as the Python one does."""
+    chunk = b"".join(pieces)
+    assert _speedups.plain_event(chunk) == plain_event_py(chunk)
+    assert _speedups.plain_event(chunk + b"\n\n") == plain_event_py(chunk + b"\n\n")
+
+
+@pytest.mark.parametrize("marker", MARKERS)
+@pytest.mark.parametrize("at", ["start", "middle", "end"])
+def test_every_marker_sends_an_event_the_general_way(marker: bytes, at: str) -> None:
+    """An event holding a terminal marker anywhere is never settled by the short look."""
+    event = {
+        "start": marker + b" data: x",
+        "middle": b"data: " + marker + b" x",
+        "end": b"data: x " + marker,
+    }[at]
+    assert _speedups.plain_event(event + b"\n\n") == plain_event_py(event + b"\n\n") == -1
+
+
+@given(chunk=st.binary(max_size=5000))
+@example(chunk=b"")
+@example(chunk=b"x" * 4095)
+@example(chunk=b"x" * 65536)
+def test_frame_agrees_with_python(chunk: bytes) -> None:
+    """Chunked framing is the same bytes, for every size."""
+    assert _speedups.frame(chunk) == frame_py(chunk)
+
+
+@pytest.mark.parametrize("function", ["plain_event", "frame"])
+def test_only_bytes_are_taken(function: str) -> None:
+    """A str or a bytearray is a TypeError, as the per-chunk path only ever has bytes."""
+    for wrong in ("data: x\n\n", bytearray(b"data: x\n\n")):
+        with pytest.raises(TypeError):
+            getattr(_speedups, function)(wrong)
+
+
+def test_the_relay_uses_the_compiled_scans() -> None:
+    """Where the module was built, it is what the per-chunk path calls."""
+    assert speedups.frame is _speedups.frame
+    assert speedups.plain_event is _speedups.plain_event
