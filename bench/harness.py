@@ -25,11 +25,13 @@ from typing import Any
 
 from bench import report
 from bench.systems import (
+    HERE,
     NGINX_HINT,
     System,
     nginx_binary,
     pin,
     raise_nofile,
+    speedups_built,
     start_naive,
     start_nginx,
     start_relay,
@@ -236,6 +238,7 @@ def _meta(run: Run, argv: list[str], elapsed: float) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "pinning": {"rig_cpu": run.rig_cpu, "sut_cpu": run.sut_cpu},
         "nginx": nginx_binary(),
+        "relay_speedups": speedups_built(HERE.parent),
         "notes": run.notes,
     }
 

@@ -43,6 +43,7 @@ from bench.systems import (
     nginx_binary,
     raise_nofile,
     relay_env,
+    speedups_built,
     start_upstream,
 )
 
@@ -121,6 +122,7 @@ def relay_system(
 ) -> Counted:
     port = free_port()
     full_env = relay_env(upstream_port, port) | {"PYTHONPATH": str(tree)} | env
+    speedups_built(tree)
     argv = [sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off"]
     return Counted(argv, full_env, tree, port, workdir)
 

@@ -119,6 +119,12 @@ def targets(medians: Medians) -> list[dict[str, Any]]:
     return out
 
 
+def _speedups_note(meta: dict[str, Any]) -> str:
+    if meta.get("relay_speedups"):
+        return "The relay ran its compiled byte scans (`relay._speedups`)."
+    return "The relay ran without its compiled byte scans (`relay._speedups` not built)."
+
+
 def markdown(medians: Medians, meta: dict[str, Any]) -> str:
     present = [c for c in COLUMNS if any(c in by for by in medians.values())]
     head = [
@@ -131,7 +137,8 @@ def markdown(medians: Medians, meta: dict[str, Any]) -> str:
     lines = [
         f"Benchmark `{meta['profile']}`: `{meta['command']}`, {meta['date_utc']} UTC, "
         f"{meta['elapsed_s']:.0f} s; rig on CPU {meta['pinning']['rig_cpu']}, systems on CPU "
-        f"{meta['pinning']['sut_cpu']}. Rows marked *added* subtract the direct figure.",
+        f"{meta['pinning']['sut_cpu']}. Rows marked *added* subtract the direct figure. "
+        + _speedups_note(meta),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -247,6 +248,22 @@ def relay_env(upstream_port: int, port: int) -> dict[str, str]:
     return env
 
 
+def speedups_built(tree: Path) -> bool:
+    """Whether the relay in ``tree`` has its compiled byte scans (``relay._speedups``) for
+    this Python, building them in place first if the tree can: a ``git archive`` copy
+    (``bench.ab``, ``bench.instructions --tree``) has only the C source, and measuring it
+    without the module would measure the pure-Python fallback."""
+    module = tree / "relay" / ("_speedups" + EXTENSION_SUFFIXES[0])
+    if not module.exists() and (tree / "relay" / "_speedups.c").exists():
+        build = subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=tree, capture_output=True, text=True,
+        )  # fmt: skip
+        if build.returncode != 0:
+            raise RuntimeError(f"building relay._speedups in {tree} failed:\n{build.stderr}")
+    return module.exists()
+
+
 def start_relay(
     name: str,
     upstream_port: int,
@@ -264,6 +281,7 @@ def start_relay(
     env = relay_env(upstream_port, port)
     env["BENCH_STATS_FILE"] = str(stats)
     env["PYTHONPATH"] = str(tree)
+    speedups_built(tree)
     argv = [sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off"]
     argv += extra_args
     proc, log = _spawn(name, argv, env, workdir, cpu, cwd=tree)
