@@ -1,14 +1,17 @@
-/* relay._speedups: two byte scans of the per-chunk path, in C.
+/* relay._speedups: the per-chunk path's two byte scans and its metrics' binning, in C.
  *
- * Each replaces a pure-Python function of relay/speedups.py, which documents them, is used
- * when this module was not built (no C compiler), and is the reference the tests compare
- * these with (tests/test_speedups.py). They take one bytes object, keep no state and touch
- * no other object: the per-chunk path calls each once per chunk, where the chain of
- * ``bytes.partition`` calls it replaces (about 1,000 instructions each on CPython 3.11) ran
- * more user-space instructions than the write to the client.
+ * Each replaces a pure-Python function or class of relay/speedups.py, which documents
+ * them, is used when this module was not built (no C compiler), and is the reference the
+ * tests compare these with (tests/test_speedups.py). The two scans take one bytes object,
+ * keep no state and touch no other object: the per-chunk path calls each once per chunk,
+ * where the chain of ``bytes.partition`` calls they replace (about 1,000 instructions each
+ * on CPython 3.11) ran more user-space instructions than the write to the client.
+ * ChunkTimes bins a stream's chunk times in C doubles and counts, and holds no Python
+ * object: its add() is the only per-chunk call the metrics make.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <string.h>
 
 /* relay/speedups.py's MARKERS, the byte strings every terminal event carries, each with
@@ -91,6 +94,193 @@ frame(PyObject *module, PyObject *chunk)
     return framed;
 }
 
+/* ChunkTimes: one stream's chunk times, binned; see relay/speedups.py's ChunkTimes. */
+
+#define MAX_BOUNDS 32
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t gap_n, forward_n;
+    double gap_bounds[MAX_BOUNDS], forward_bounds[MAX_BOUNDS];
+    long long gap_counts[MAX_BOUNDS], forward_counts[MAX_BOUNDS];
+    double gap_sum, forward_sum, previous, first_written;
+    int started;
+} ChunkTimes;
+
+/* Histogram bucket upper bounds, ascending and ending with +inf, into `out`. */
+static int
+read_bounds(PyObject *bounds, double *out, Py_ssize_t *count)
+{
+    PyObject *items = PySequence_Fast(bounds, "bounds must be a sequence of floats");
+    if (items == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n && i < MAX_BOUNDS; i++) {
+        out[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(items, i));
+        if (out[i] == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(items);
+            return -1;
+        }
+    }
+    Py_DECREF(items);
+    if (n < 1 || n > MAX_BOUNDS || out[n - 1] != INFINITY) {
+        PyErr_Format(PyExc_ValueError, "1 to %d bounds, the last one inf", MAX_BOUNDS);
+        return -1;
+    }
+    *count = n;
+    return 0;
+}
+
+/* bisect.bisect_left(bounds, x): the bucket Histogram.observe(x) counts x in. */
+static Py_ssize_t
+bucket(const double *bounds, Py_ssize_t n, double x)
+{
+    Py_ssize_t low = 0, high = n;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (bounds[middle] < x)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low < n ? low : n - 1; /* n only for a NaN past +inf: never from a clock */
+}
+
+static PyObject *
+ChunkTimes_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *gap_bounds, *forward_bounds;
+    if (!PyArg_ParseTuple(args, "OO:ChunkTimes", &gap_bounds, &forward_bounds))
+        return NULL;
+    ChunkTimes *self = (ChunkTimes *)type->tp_alloc(type, 0); /* zeroed */
+    if (self == NULL)
+        return NULL;
+    if (read_bounds(gap_bounds, self->gap_bounds, &self->gap_n) < 0 ||
+        read_bounds(forward_bounds, self->forward_bounds, &self->forward_n) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+ChunkTimes_dealloc(ChunkTimes *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+/* add(received, written): one chunk, read at `received` and written at `written`. */
+static PyObject *
+ChunkTimes_add(ChunkTimes *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add() takes received and written");
+        return NULL;
+    }
+    double received = PyFloat_AsDouble(args[0]);
+    if (received == -1.0 && PyErr_Occurred())
+        return NULL;
+    double written = PyFloat_AsDouble(args[1]);
+    if (written == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!self->started) {
+        self->started = 1;
+        self->first_written = written;
+    }
+    else {
+        double gap = received - self->previous;
+        self->gap_counts[bucket(self->gap_bounds, self->gap_n, gap)]++;
+        self->gap_sum += gap;
+    }
+    self->previous = received;
+    double forward = written - received;
+    self->forward_counts[bucket(self->forward_bounds, self->forward_n, forward)]++;
+    self->forward_sum += forward;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+counts_list(long long *counts, Py_ssize_t n)
+{
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list != NULL && i < n; i++) {
+        PyObject *count = PyLong_FromLongLong(counts[i]);
+        if (count == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, count);
+    }
+    return list;
+}
+
+/* take() -> (gap counts, gap sum, forward counts, forward sum) since the last take. */
+static PyObject *
+ChunkTimes_take(ChunkTimes *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *gaps = counts_list(self->gap_counts, self->gap_n);
+    PyObject *forwards = counts_list(self->forward_counts, self->forward_n);
+    PyObject *taken = NULL;
+    if (gaps != NULL && forwards != NULL)
+        taken = Py_BuildValue("(OdOd)", gaps, self->gap_sum, forwards, self->forward_sum);
+    Py_XDECREF(gaps);
+    Py_XDECREF(forwards);
+    if (taken != NULL) {
+        memset(self->gap_counts, 0, sizeof self->gap_counts);
+        memset(self->forward_counts, 0, sizeof self->forward_counts);
+        self->gap_sum = self->forward_sum = 0.0;
+    }
+    return taken;
+}
+
+static PyObject *
+ChunkTimes_first_written(ChunkTimes *self, void *Py_UNUSED(closure))
+{
+    if (!self->started)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->first_written);
+}
+
+static PyMethodDef ChunkTimes_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))ChunkTimes_add, METH_FASTCALL, "One chunk's times."},
+    {"take", (PyCFunction)ChunkTimes_take, METH_NOARGS, "The bins since the last take."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ChunkTimes_getset[] = {
+    {"first_written", (getter)ChunkTimes_first_written, NULL, "The first chunk's write time.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot ChunkTimes_slots[] = {
+    {Py_tp_new, ChunkTimes_new},
+    {Py_tp_dealloc, ChunkTimes_dealloc},
+    {Py_tp_methods, ChunkTimes_methods},
+    {Py_tp_getset, ChunkTimes_getset},
+    {Py_tp_doc, "One stream's chunk times, binned: see relay.speedups.ChunkTimes."},
+    {0, NULL},
+};
+
+static PyType_Spec ChunkTimes_spec = {
+    .name = "relay._speedups.ChunkTimes",
+    .basicsize = sizeof(ChunkTimes),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = ChunkTimes_slots,
+};
+
+static int
+exec_module(PyObject *module)
+{
+    PyObject *type = PyType_FromModuleAndSpec(module, &ChunkTimes_spec, NULL);
+    if (type == NULL)
+        return -1;
+    int added = PyModule_AddObjectRef(module, "ChunkTimes", type);
+    Py_DECREF(type);
+    return added;
+}
+
 static PyMethodDef methods[] = {
     {"plain_event", plain_event, METH_O, "1, 0 or -1: see relay.speedups.plain_event."},
     {"frame", frame, METH_O, "The chunk in HTTP/1.1 chunked framing."},
@@ -98,6 +288,7 @@ static PyMethodDef methods[] = {
 };
 
 static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, exec_module},
 #if PY_VERSION_HEX >= 0x030C0000
     {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
 #endif

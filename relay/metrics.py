@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import math
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from relay.exchange import Exchange
+from relay.speedups import ChunkTimes
 
 if TYPE_CHECKING:
     from relay.sse import SseTap
@@ -52,18 +54,20 @@ _DURATION_BOUNDS = (*DURATION_BUCKETS, math.inf)
 class StreamMeters:
     """One stream's label children, and its per-chunk figures kept in plain numbers.
 
-    :meth:`chunk` runs once per chunk and touches no lock and no prometheus object: it bins
-    the gap and forward times into local bucket counts (the bins ``Histogram.observe`` would
-    pick), while the stream's byte and chunk totals live in its :class:`Exchange`.
-    :meth:`flush` pushes what accumulated into the shared metrics: :class:`RelayMetrics`
-    calls it for every open stream each ``FLUSH_SECONDS`` (so a stream that goes quiet
-    after a burst is not left behind), and :meth:`close` once more when the stream ends.
+    :attr:`chunk` runs once per chunk and touches no lock and no prometheus object: it is
+    :class:`~relay.speedups.ChunkTimes`'s ``add`` (C where built), which bins the gap and
+    forward times into local bucket counts (the bins ``Histogram.observe`` would pick),
+    while the stream's byte and chunk totals live in its :class:`Exchange`. :meth:`flush`
+    pushes what accumulated into the shared metrics, the time to first byte included:
+    :class:`RelayMetrics` calls it for every open stream each ``FLUSH_SECONDS`` (so a
+    stream that goes quiet after a burst is not left behind), and :meth:`close` once more
+    when the stream ends.
     """
 
     __slots__ = (
         "_bytes_flushed", "_bytes_out", "_chunks", "_chunks_flushed", "_events_flushed",
-        "_exchange", "_forward", "_forward_counts", "_forward_sum", "_gap", "_gap_counts",
-        "_gap_sum", "_live", "_previous", "_sse_events", "active", "bytes_in", "events", "ttfb",
+        "_exchange", "_forward", "_gap", "_live", "_sse_events", "_times", "active",
+        "bytes_in", "chunk", "events", "ttfb",
     )  # fmt: skip
 
     def __init__(
@@ -75,29 +79,12 @@ class StreamMeters:
         ) = children  # fmt: skip
         self._exchange = exchange
         self.events: SseTap | None = None  # an event stream's tap, whose count is flushed
-        self._gap_counts = [0] * len(_GAP_BOUNDS)
-        self._forward_counts = [0] * len(_FORWARD_BOUNDS)
-        self._gap_sum = self._forward_sum = 0.0
+        self._times = ChunkTimes(_GAP_BOUNDS, _FORWARD_BOUNDS)
+        # One chunk, read from the upstream at ``received`` and written at ``written``.
+        self.chunk: Callable[[float, float], None] = self._times.add
         self._bytes_flushed = self._chunks_flushed = self._events_flushed = 0
-        self._previous: float | None = None
         self._live = live
         live.add(self)
-
-    def chunk(self, received: float, written: float) -> None:
-        """One chunk, read from the upstream at ``received`` and written at ``written``."""
-        previous = self._previous
-        if previous is None:
-            self._exchange.first_byte_at = written
-            _observe(self.ttfb, _TTFB_BOUNDS, written - self._exchange.started)
-        else:
-            gap = received - previous
-            self._gap_counts[bisect_left(_GAP_BOUNDS, gap)] += 1
-            self._gap_sum += gap
-        self._previous = received
-        forward = written - received  # nearly always in the first bucket: skip the search
-        index = 0 if forward <= _FORWARD_BOUNDS[0] else bisect_left(_FORWARD_BOUNDS, forward)
-        self._forward_counts[index] += 1
-        self._forward_sum += forward
 
     def close(self) -> None:
         """The stream ended: push what is left, and leave the periodic flush."""
@@ -106,12 +93,15 @@ class StreamMeters:
 
     def flush(self) -> None:
         """Push the figures gathered since the last flush into the shared metrics."""
-        if self._exchange.chunks == self._chunks_flushed:
-            return  # no chunk since: nothing else can have changed either
-        _add(self._gap, self._gap_counts, self._gap_sum)
-        _add(self._forward, self._forward_counts, self._forward_sum)
-        self._gap_sum = self._forward_sum = 0.0
         exchange = self._exchange
+        if exchange.chunks == self._chunks_flushed:
+            return  # no chunk since: nothing else can have changed either
+        if exchange.first_byte_at is None and (first := self._times.first_written) is not None:
+            exchange.first_byte_at = first
+            _observe(self.ttfb, _TTFB_BOUNDS, first - exchange.started)
+        gap_counts, gap_sum, forward_counts, forward_sum = self._times.take()
+        _add(self._gap, gap_counts, gap_sum)
+        _add(self._forward, forward_counts, forward_sum)
         if exchange.bytes_out > self._bytes_flushed:
             self._bytes_out.inc(exchange.bytes_out - self._bytes_flushed)
             self._bytes_flushed = exchange.bytes_out
@@ -142,7 +132,6 @@ def _add(histogram: Any, counts: list[int], total: float) -> None:
     for index, count in enumerate(counts):
         if count:
             histogram._buckets[index].inc(count)
-            counts[index] = 0
 
 
 class RelayMetrics:

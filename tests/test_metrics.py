@@ -273,9 +273,19 @@ async def test_metrics_endpoint_on_a_shared_listener(
     assert (await relay.client.get("/readyz")).status == 200
 
 
-async def test_batched_stream_meters_equal_direct_observations() -> None:
-    """Binning per stream and flushing gives the same histograms as one observe per chunk."""
+@pytest.mark.parametrize("times_class", ["as installed", "pure Python"])
+async def test_batched_stream_meters_equal_direct_observations(
+    times_class: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binning per stream and flushing gives the same histograms as one observe per chunk,
+    with the binning compiled (where built) and in Python."""
     import random
+
+    import relay.metrics
+    from relay.speedups import ChunkTimesPy
+
+    if times_class == "pure Python":
+        monkeypatch.setattr(relay.metrics, "ChunkTimes", ChunkTimesPy)
 
     from relay.exchange import Exchange
     from relay.metrics import RelayMetrics

@@ -1,7 +1,8 @@
-"""The compiled byte scans (relay/_speedups.c) give what their Python versions give."""
+"""relay/_speedups.c gives what its Python versions in relay/speedups.py give."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relay import speedups
-from relay.speedups import MARKERS, frame_py, plain_event_py
+from relay.speedups import MARKERS, ChunkTimesPy, frame_py, plain_event_py
 
 if speedups.COMPILED:
     from relay import _speedups
@@ -63,6 +64,56 @@ def test_frame_agrees_with_python(chunk: bytes) -> None:
     assert _speedups.frame(chunk) == frame_py(chunk)
 
 
+# Binary fractions, so that times built from them differ by exactly a step: steps land on
+# the bounds themselves, where bisect_left's side matters, as well as between them.
+BOUNDS = (0.125, 0.5, 1.0, 4.0, math.inf)
+STEPS = [0.0, 2**-20, 0.125, 0.25, 0.5, 0.625, 1.0, 3.0, 4.0, 2.0**20]
+
+
+@given(
+    chunks=st.lists(st.tuples(st.sampled_from(STEPS), st.sampled_from(STEPS)), max_size=40),
+    take_every=st.integers(min_value=1, max_value=50),
+)
+def test_chunk_times_agree_with_python(chunks: list[tuple[float, float]], take_every: int) -> None:
+    """Bins, sums and the first write time are the Python class's exactly, however often
+    they are taken, bounds included (each step lands on, just past, or between them)."""
+    compiled, python = _speedups.ChunkTimes(BOUNDS, BOUNDS), ChunkTimesPy(BOUNDS, BOUNDS)
+    assert compiled.first_written is python.first_written is None
+    now = 1000.0
+    for i, (gap, forward) in enumerate(chunks, 1):
+        now += gap
+        compiled.add(now, now + forward)
+        python.add(now, now + forward)
+        if i % take_every == 0:
+            assert compiled.take() == python.take()
+    assert compiled.take() == python.take()
+    assert compiled.first_written == python.first_written
+    assert compiled.take() == python.take() == ([0] * 5, 0.0, [0] * 5, 0.0)
+
+
+@pytest.mark.parametrize(
+    "bounds", [(), (1.0,), (0.5, 1.0), (*(float(i) for i in range(32)), math.inf)]
+)
+def test_chunk_times_want_bounds_that_end_with_inf(bounds: tuple[float, ...]) -> None:
+    """Bounds must end with +inf (every value has a bucket), 32 at most, as in Python."""
+    for times_class in (_speedups.ChunkTimes, ChunkTimesPy):
+        with pytest.raises(ValueError, match="the last one inf"):
+            times_class(bounds, BOUNDS)
+        with pytest.raises(ValueError, match="the last one inf"):
+            times_class(BOUNDS, bounds)
+
+
+def test_chunk_times_take_only_floats() -> None:
+    """A time that is not a number is a TypeError, and counts nothing."""
+    times = _speedups.ChunkTimes(BOUNDS, BOUNDS)
+    with pytest.raises(TypeError):
+        times.add("1.0", 2.0)
+    with pytest.raises(TypeError):
+        times.add(1.0)
+    assert times.first_written is None
+    assert times.take() == ([0] * 5, 0.0, [0] * 5, 0.0)
+
+
 @pytest.mark.parametrize("function", ["plain_event", "frame"])
 def test_only_bytes_are_taken(function: str) -> None:
     """A str or a bytearray is a TypeError, as the per-chunk path only ever has bytes."""
@@ -71,7 +122,8 @@ def test_only_bytes_are_taken(function: str) -> None:
             getattr(_speedups, function)(wrong)
 
 
-def test_the_relay_uses_the_compiled_scans() -> None:
+def test_the_relay_uses_the_compiled_versions() -> None:
     """Where the module was built, it is what the per-chunk path calls."""
     assert speedups.frame is _speedups.frame
     assert speedups.plain_event is _speedups.plain_event
+    assert speedups.ChunkTimes is _speedups.ChunkTimes
