@@ -52,6 +52,9 @@ def frame_py(chunk: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(chunk), chunk)
 
 
+MAX_BOUNDS = 20  # per histogram, as in _speedups.c
+
+
 class ChunkTimesPy:
     """One stream's chunk times, binned as ``Histogram.observe`` bins them.
 
@@ -98,9 +101,6 @@ class ChunkTimesPy:
         self._forward_counts = [0] * len(self._forward_bounds)
         self._gap_sum = self._forward_sum = 0.0
         return taken
-
-
-MAX_BOUNDS = 32  # as _speedups.c's
 
 
 try:
