@@ -1,7 +1,7 @@
 """The one part of the build pyproject.toml cannot state stably: the optional C module.
 
-``relay._speedups`` holds the per-chunk path's byte scans in C (``relay/speedups.py`` has
-them in Python too, and says which runs). ``optional``: where no C compiler is found, the
+``relay._speedups`` holds the per-chunk path's byte scans and metrics binning in C
+(``relay/speedups.py`` has them in Python too, and says which runs). ``optional``: where no C compiler is found, the
 install goes on without it and the relay runs the Python versions.
 """
 

@@ -121,8 +121,8 @@ def targets(medians: Medians) -> list[dict[str, Any]]:
 
 def _speedups_note(meta: dict[str, Any]) -> str:
     if meta.get("relay_speedups"):
-        return "The relay ran its compiled byte scans (`relay._speedups`)."
-    return "The relay ran without its compiled byte scans (`relay._speedups` not built)."
+        return "The relay ran its compiled per-chunk code (`relay._speedups`)."
+    return "The relay ran without its compiled per-chunk code (`relay._speedups` not built)."
 
 
 def markdown(medians: Medians, meta: dict[str, Any]) -> str:

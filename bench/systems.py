@@ -249,7 +249,7 @@ def relay_env(upstream_port: int, port: int) -> dict[str, str]:
 
 
 def speedups_built(tree: Path) -> bool:
-    """Whether the relay in ``tree`` has its compiled byte scans (``relay._speedups``) for
+    """Whether the relay in ``tree`` has its compiled per-chunk code (``relay._speedups``) for
     this Python, building them in place first if the tree can: a ``git archive`` copy
     (``bench.ab``, ``bench.instructions --tree``) has only the C source, and measuring it
     without the module would measure the pure-Python fallback."""
