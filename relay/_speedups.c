@@ -95,7 +95,7 @@ frame(PyObject *module, PyObject *chunk)
     return framed;
 }
 
-/* ChunkTimes: one stream's chunk times, binned; see relay/speedups.py's ChunkTimes. */
+/* ChunkTimes: one stream's chunk times, binned; see relay/speedups.py's ChunkTimesPy. */
 
 /* Every open stream has one, so it stays small (about 550 bytes): room for 20 bounds, and
  * counts of 32 bits, which hold a second's chunks (take() empties them each flush). */
@@ -294,9 +294,6 @@ static PyModuleDef_Slot slots[] = {
     {Py_mod_exec, exec_module},
 #if PY_VERSION_HEX >= 0x030C0000
     {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
-#endif
-#if PY_VERSION_HEX >= 0x030D0000
-    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
 #endif
     {0, NULL},
 };
