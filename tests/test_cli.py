@@ -102,7 +102,7 @@ async def test_curl_streams_through_relay_serve(upstream: FakeUpstream) -> None:
     assert FAKE_KEY not in relay.output
     finished = [json.loads(x) for x in relay.output.splitlines() if "request_finished" in x]
     assert finished[0]["outcome"] == "completed"
-    assert relay.start["speedups"] is speedups.COMPILED  # which per-chunk scans ran
+    assert relay.start["speedups"] is speedups.COMPILED  # which per-chunk code ran
 
 
 async def test_sigterm_lets_open_streams_finish(upstream: FakeUpstream) -> None:

@@ -282,13 +282,12 @@ async def test_batched_stream_meters_equal_direct_observations(
     import random
 
     import relay.metrics
+    from relay.exchange import Exchange
+    from relay.metrics import RelayMetrics
     from relay.speedups import ChunkTimesPy
 
     if times_class == "pure Python":
         monkeypatch.setattr(relay.metrics, "ChunkTimes", ChunkTimesPy)
-
-    from relay.exchange import Exchange
-    from relay.metrics import RelayMetrics
 
     rng = random.Random(7)
     times, now = [], 100.0
