@@ -33,4 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench $(if $(QUICK),--quick)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build relay/_speedups.*.so
