@@ -97,8 +97,9 @@ async def test_active_streams_gauge_follows_open_streams(
 async def test_a_quiet_open_stream_is_in_the_metrics_within_a_flush_period(
     upstream: FakeUpstream, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stream that goes quiet after a burst still shows its chunks while it stays open:
-    the periodic flush does not wait for the stream's next chunk or its end."""
+    """A stream that goes quiet after a burst still shows its chunks, and its time to first
+    byte, while it stays open: the periodic flush does not wait for the stream's next chunk
+    or its end."""
     monkeypatch.setattr(metrics, "FLUSH_SECONDS", 0.01)
     flushed = asyncio.Event()
     flush_open = metrics.RelayMetrics._flush_open
@@ -118,6 +119,7 @@ async def test_a_quiet_open_stream_is_in_the_metrics_within_a_flush_period(
     assert relay.metric("relay_chunks_total", model=MODEL) == 1
     assert relay.metric("relay_sse_events_total", model=MODEL) == 1
     assert relay.metric("relay_chunk_forward_seconds_count", model=MODEL) == 1
+    assert relay.metric("relay_time_to_first_byte_seconds_count", model=MODEL) == 1
     feed.end()
     await read_all(response)
     await _settled(relay)

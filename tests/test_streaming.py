@@ -226,6 +226,8 @@ class _Body:
 
 
 async def _until_stalled(upstream: FakeUpstream) -> None:
+    # A stall is the absence of progress, which no event signals: poll until the upstream's
+    # writes have not moved for 15 looks in a row (callers bound this with step()).
     last, still = -1, 0
     while still < 15:
         await asyncio.sleep(0.02)
