@@ -9,7 +9,9 @@ measures them, and writes the table to ``bench/results/trace-w5.txt``.
 
 The wrappers cost about a microsecond each when hot and more from cold caches, so the
 steps read longer than they are: compare runs of this tool with each other, not with the
-client's figures. The upstream's step is its own time; the others are the relay's.
+client's figures. From the request's send to its answer the upstream works, and the relay
+prepares the stream meanwhile (its meters): the relay's own total leaves that whole span out,
+since what the relay does within it delays no byte (unless it outlasts the upstream).
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ STEPS = (
     "the loop runs the task",
     "request id, origin, credential and path checks, admission",
     "the body, the allowlist, the upstream request's URL and headers",
-    "the stream's meters and watchdog",
+    "the stream's watchdog",
     "the upstream request's head, and its send",
-    "the upstream answers (its own time, not the relay's)",
+    "the stream's meters, while the upstream works",
+    "the upstream answers (the rest of its time)",
     "wake the handler",
     "the response's headers and taps",
     "the response head, the forwarder, the first write",
 )
-UPSTREAM_STEP = 6
+SENT, ANSWERED = 6, 8  # the stamps between which the upstream works (and the relay may too)
 
 _current: list[int] | None = None
 _traces: list[list[int]] = []
@@ -114,13 +117,14 @@ def install(path: str) -> None:
     server.handle = _around_coroutine(server.handle, 2, None)
     gate.Gate.admit = _around_coroutine(gate.Gate.admit, None, 3)  # type: ignore[method-assign]
     proxy._stream = _around_coroutine(proxy._stream, 4, None)
-    upstream.Upstreams.request = _around_coroutine(upstream.Upstreams.request, 5, 8)  # type: ignore[method-assign]
+    upstream.Upstreams.send = _around_coroutine(upstream.Upstreams.send, 5, None)  # type: ignore[method-assign]
     connection.Connection.send = _around_coroutine(connection.Connection.send, None, 6)  # type: ignore[method-assign]
+    upstream.Sent.response = _around_coroutine(upstream.Sent.response, 7, 9)  # type: ignore[method-assign]
     connection.Connection.on_headers_complete = _before(  # type: ignore[method-assign]
-        connection.Connection.on_headers_complete, 7
+        connection.Connection.on_headers_complete, 8
     )
-    front.Request.start = _before(front.Request.start, 9)  # type: ignore[method-assign]
-    pump.Forwarder._write_head = _before(pump.Forwarder._write_head, 10)  # type: ignore[method-assign]
+    front.Request.start = _before(front.Request.start, 10)  # type: ignore[method-assign]
+    pump.Forwarder._write_head = _before(pump.Forwarder._write_head, 11)  # type: ignore[method-assign]
     atexit.register(lambda: Path(path).write_text(json.dumps(_traces)))
 
 
@@ -134,7 +138,7 @@ def table(traces: list[list[int]]) -> list[tuple[str, float, float]]:
     rows = []
     for index, step in enumerate(STEPS):
         rows.append((step, *spread([(t[index + 1] - t[index]) / 1000 for t in traces])))
-    own = [(t[-1] - t[0] - (t[UPSTREAM_STEP + 1] - t[UPSTREAM_STEP])) / 1000 for t in traces]
+    own = [(t[-1] - t[0] - (t[ANSWERED] - t[SENT])) / 1000 for t in traces]
     rows.append(("the relay's own, first bytes in to first byte out", *spread(own)))
     return rows
 

@@ -42,6 +42,7 @@ from relay.exchange import (
 )
 from relay.forms import form_field
 from relay.front import Request
+from relay.metrics import StreamMeters
 from relay.ownership import SubmissionTap
 from relay.policy import Target
 from relay.pump import ChunkTap, Forwarder, Heartbeat, Watchdog, drain, pump
@@ -203,7 +204,6 @@ async def _stream(
     owner: Principal | None,
 ) -> None:
     config = state.config
-    meters = state.metrics.stream(exchange.model, exchange)
     watchdog = Watchdog(
         started=exchange.started,
         first_byte=config.first_byte_timeout,
@@ -212,17 +212,23 @@ async def _stream(
     )
     state.stream_opened(watchdog)
     exchange.upstream_contacted = True
-    meters.active.inc()
+    meters: StreamMeters | None = None
     upstream: Connection | None = None
     sse: SseTap | None = None
     submission: SubmissionTap | None = None
     heartbeat: Heartbeat | None = None
     try:
-        if exchange.bytes_in:
-            meters.bytes_in.inc(exchange.bytes_in)
-        upstream = await state.upstream_pool.request(
+        sent = await state.upstream_pool.send(
             request.method, outgoing.url, outgoing.headers, outgoing.body, outgoing.size
         )
+        upstream = sent.connection
+        # The request is on its way. Whatever does not need the response is done now, while
+        # the upstream works on it, rather than between its first byte and the client's.
+        meters = state.metrics.stream(exchange.model, exchange)
+        meters.active.inc()
+        if exchange.bytes_in:
+            meters.bytes_in.inc(exchange.bytes_in)
+        upstream = await sent.response()  # a stale pooled connection is replaced here
         outgoing.sent()
         exchange.status = upstream.status
         watchdog.streaming(asyncio.get_running_loop().time())
@@ -283,12 +289,13 @@ async def _stream(
         watchdog.stop()
         if heartbeat is not None:
             heartbeat.stop()
-        meters.close()
+        if meters is not None:
+            meters.close()
+            meters.active.dec()
         if sse is not None:
             exchange.sse_events, exchange.terminal = sse.events, sse.terminal
             state.metrics.terminal(exchange.model, sse.terminal)
         state.stream_closed(watchdog)
-        meters.active.dec()
         if upstream is not None:
             if exchange.outcome in (COMPLETED, DRAINED):
                 upstream.release()  # the connection goes back to the pool

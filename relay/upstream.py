@@ -9,7 +9,6 @@ header, so never the provider key. The connections themselves are
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import ssl
 from typing import IO
@@ -24,7 +23,6 @@ KEEPALIVE_SECONDS = 30.0  # an idle pooled connection is closed after this
 DNS_TTL_SECONDS = 60.0  # how long resolved upstream addresses are reused
 MAX_IDLE_PER_ORIGIN = 256  # idle connections kept per upstream; the rest close when released
 IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
-_UNSAFE = re.compile(r"[\r\n\0]")
 
 
 class Upstreams:
@@ -57,30 +55,25 @@ class Upstreams:
         body: bytes | IO[bytes],
         size: int,
     ) -> Connection:
-        """Send a request and return its connection once the response head is in.
+        """Send a request and return its connection once the response head is in."""
+        sent = await self.send(method, url, headers, body, size)
+        return await sent.response()
 
-        A request on a reused connection that the upstream had already closed, before a
-        byte of the response, is sent again on a new one if its method is idempotent.
-        """
+    async def send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | IO[bytes],
+        size: int,
+    ) -> Sent:
+        """Write a request on a pooled connection, or a new one; :meth:`Sent.response`
+        waits for its answer. What the caller does in between costs its client nothing
+        while the upstream works on the request (the relay prepares the stream then)."""
         origin: Origin = (url.scheme, url.raw_host or "", url.port or 0)
-        head = _request_head(method, url, headers, size)
-        while True:
-            connection = self._checkout(origin)
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect(origin)
-            try:
-                await connection.send(head, body)
-                await connection.head()
-                return connection
-            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
-                connection.close()
-                if reused and not connection.received_any and _resendable(method, body):
-                    continue  # the pooled connection was already gone: nothing reached it
-                raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
-            except BaseException:
-                connection.close()  # cancelled (a deadline, or the client left): not reusable
-                raise
+        sent = Sent(self, origin, method, _request_head(method, url, headers, size), body)
+        await sent.send()
+        return sent
 
     def put(self, connection: Connection) -> None:
         idle = self._idle.setdefault(connection.origin, [])
@@ -173,6 +166,67 @@ class Upstreams:
         return addresses
 
 
+class Sent:
+    """A request written to the upstream, whose response head is still to come.
+
+    A request on a reused connection that the upstream had already closed, before a byte
+    of the response, is sent again on a new one if its method is idempotent: the stale
+    connection shows itself either as the write fails or as the response never comes.
+    """
+
+    __slots__ = ("_body", "_head", "_method", "_origin", "_pool", "_reused", "connection")
+
+    def __init__(
+        self, pool: Upstreams, origin: Origin, method: str, head: bytes, body: bytes | IO[bytes]
+    ) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._method = method
+        self._head = head
+        self._body = body
+        self._reused = False
+        self.connection: Connection | None = None
+
+    async def send(self) -> None:
+        while True:
+            connection = self._pool._checkout(self._origin)
+            self._reused = connection is not None
+            if connection is None:
+                connection = await self._pool._connect(self._origin)
+            self.connection = connection
+            try:
+                await connection.send(self._head, self._body)
+                return
+            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
+                self._failed(connection, exc)
+            except BaseException:
+                connection.close()  # cancelled (a deadline, or the client left): not reusable
+                raise
+
+    async def response(self) -> Connection:
+        """The connection, once the response's status line and headers are in."""
+        while True:
+            connection = self.connection
+            assert connection is not None, "send() first"
+            try:
+                await connection.head()
+                self._body = b""  # never sent again: let a large upload go
+                return connection
+            except (UpstreamClosed, UpstreamProtocolError, OSError) as exc:
+                self._failed(connection, exc)
+            except BaseException:
+                connection.close()
+                raise
+            await self.send()
+
+    def _failed(self, connection: Connection, exc: Exception) -> None:
+        """Close ``connection``; raise unless the request may go again on another."""
+        connection.close()
+        if self._reused and not connection.received_any and _resendable(self._method, self._body):
+            return  # the pooled connection was already gone: nothing reached it
+        raise UpstreamUnavailable(f"upstream unavailable ({type(exc).__name__})") from None
+
+
 def _unpooled(connection: Connection) -> Connection:
     connection.pooled = False
     return connection
@@ -185,11 +239,15 @@ def _resendable(method: str, body: bytes | IO[bytes]) -> bool:
 def _request_head(method: str, url: URL, headers: CIMultiDict[str], size: int) -> bytes:
     """The request line and headers, with ``Host`` and the body's ``Content-Length``."""
     lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
-    for name, value in headers.items():
-        if _UNSAFE.search(name) or _UNSAFE.search(value):  # aiohttp's parser already refuses
-            raise ValueError("a header with a line break")  # these; config values too
-        lines.append(f"{name}: {value}")
+    lines += [f"{name}: {value}" for name, value in headers.items()]
     if size or method not in ("GET", "DELETE"):
         lines.append(f"Content-Length: {size}")
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+    head = "\r\n".join(lines)
+    # Every line ends in exactly one CR LF of the joins: any other CR, LF or NUL came with a
+    # header and would start a line of its own. aiohttp's parser and llhttp already refuse
+    # these, and so does the configuration; this is the last guard, one scan per character.
+    breaks = len(lines)
+    if head.count("\r") != breaks or head.count("\n") != breaks or "\0" in head:
+        raise ValueError("a header with a line break")
+    return head.encode("utf-8", "surrogateescape")

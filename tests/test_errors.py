@@ -30,13 +30,18 @@ async def _envelope(response) -> dict:
 
 
 async def test_refused_upstream_gives_502(make_relay: RelayFactory) -> None:
-    """An upstream that refuses connections yields 502 upstream_unavailable."""
+    """An upstream that refuses connections yields 502 upstream_unavailable; the stream is
+    counted as an upstream error, and its body as never relayed."""
     relay = await make_relay(upstream_url=f"http://127.0.0.1:{_closed_port()}")
     response = await step(relay.client.post(STREAM, data=b"{}"))
     assert response.status == 502
     body = await _envelope(response)
     assert body["data"] == {"error": "upstream_unavailable"}
     assert body["code"] == 502
+    model = "wavespeed-ai/any-llm"
+    assert relay.metric("relay_streams_total", model=model, outcome="upstream_error") == 1
+    assert relay.metric("relay_bytes_total", model=model, direction="client_to_upstream") == 0
+    assert relay.metric("relay_active_streams", model=model) == 0
 
 
 async def test_upstream_reset_before_headers_gives_502(
