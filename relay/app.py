@@ -62,10 +62,11 @@ def create_app(
         store=store,
         gate=Gate(config, store),
         router=Router(wavespeed_route(config), config.routes),
+        upstreams=Upstreams(connect_timeout=config.connect_timeout),
     )
     app = web.Application(handler_args={"max_field_size": 16384})  # as the front allows
     app[STATE] = state
-    app.cleanup_ctx.append(_upstream_pool)
+    app.cleanup_ctx.append(_close_upstreams)
     app.cleanup_ctx.append(_limit_store)
     app.on_response_prepare.append(cors.response_headers(config.allowed_origins))
     health.add_routes(app.router, state)
@@ -88,10 +89,14 @@ def serves(app: web.Application) -> Callable[[str, str], bool]:
         else:  # a pattern the front cannot match as aiohttp would
             raise ValueError(f"the relay's front cannot serve beside the route {route!r}")
 
+    starts = tuple(prefix for prefix, _ in prefixes)
+
     def owns(method: str, path: str) -> bool:
         methods = exact.get(path)
         if methods is not None:
             return method in methods
+        if not path.startswith(starts):  # every relayed request
+            return False
         return any(path.startswith(prefix) and method == m for prefix, m in prefixes)
 
     return owns
@@ -110,11 +115,9 @@ def wavespeed_route(config: Config) -> Route:
     )
 
 
-async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    state.upstreams = Upstreams(connect_timeout=state.config.connect_timeout)
+async def _close_upstreams(app: web.Application) -> AsyncIterator[None]:
     yield
-    await state.upstreams.close()
+    await app[STATE].upstreams.close()
 
 
 async def _limit_store(app: web.Application) -> AsyncIterator[None]:

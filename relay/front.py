@@ -440,7 +440,7 @@ class Request:
     """
 
     __slots__ = (
-        "_body", "_body_size", "_continue", "_error", "_front", "_head", "_waiter", "chunked",
+        "_body", "_body_size", "_continue", "_error", "_head", "_waiter", "chunked", "front",
         "headers", "last", "method", "raw_path", "received", "remote", "started", "transport",
         "version",
     )  # fmt: skip
@@ -455,7 +455,7 @@ class Request:
         version: tuple[int, int],
         headers: Iterable[tuple[str, str]],
     ) -> None:
-        self._front = front
+        self.front = front  # the connection it came on
         self.transport = front.transport
         self.remote = front.peer
         self.method = method
@@ -472,10 +472,6 @@ class Request:
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._continue = self.headers.get("Expect", "").lower() == "100-continue"
-
-    @property
-    def front(self) -> Front:
-        return self._front
 
     @property
     def host(self) -> str:
@@ -498,12 +494,14 @@ class Request:
     def body_received(self, chunk: bytes) -> int:
         self._body.append(chunk)
         self._body_size += len(chunk)
-        self._wake(None)
+        if self._waiter is not None:  # usually not: a small body comes with its head
+            self._wake(None)
         return self._body_size
 
     def body_complete(self) -> None:
         self.received = True
-        self._wake(None)
+        if self._waiter is not None:
+            self._wake(None)
 
     def lost(self, exc: Exception | None = None) -> None:
         self._error = exc or ConnectionResetError("the client went away")
@@ -531,7 +529,7 @@ class Request:
                 chunk = self._body.pop(0)  # a few chunks at most: the socket pauses
                 self._body_size -= len(chunk)
                 if not self.received and self._body_size <= BODY_HIGH_WATER:
-                    self._front.resume_reading()
+                    self.front.resume_reading()
                 yield chunk
             elif self.received:
                 return
@@ -576,7 +574,7 @@ class Request:
             headers.setdefault("Content-Type", "application/octet-stream")
         if not self.received:  # what is left of the body is never read
             self.last = True
-        self._front.server.label(self, headers)
+        self.front.server.label(self, headers)
         self.headers = _NO_HEADERS  # read by nobody from here on; a stream may last hours
         if self.last:
             headers["Connection"] = "close"

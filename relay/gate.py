@@ -35,15 +35,18 @@ class Gate:
         self._interval, self._capacity = window / count, count
 
     def identify(self, request: Request) -> Principal:
-        origin = request.headers.get("Origin")
-        own = cors.own_origin(request)
-        check_origin(origin, self._config.allowed_origins, own, None)
+        origin = request.headers.get("Origin")  # none: not a browser's request
+        own = ""
+        if origin is not None:
+            own = cors.own_origin(request)
+            check_origin(origin, self._config.allowed_origins, own, None)
         principal = self._auth.authenticate(
             request.headers.get("Authorization"),
             request.remote,
             request.headers.getall("X-Forwarded-For", ()),
         )
-        check_origin(origin, self._config.allowed_origins, own, principal)
+        if origin is not None and principal.origins is not None:  # a token narrows them
+            check_origin(origin, self._config.allowed_origins, own, principal)
         return principal
 
     async def admit(self, principal: Principal, target: Target, open_streams: int) -> str | None:

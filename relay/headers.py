@@ -13,6 +13,7 @@ passes unchanged because the body passes unchanged.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -57,12 +58,23 @@ _RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "x-request-id"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    return frozenset(
+def _dropped(
+    always: frozenset[str], headers: CIMultiDictProxy[str] | CIMultiDict[str]
+) -> frozenset[str]:
+    """``always``, and the headers that ``headers``' own ``Connection`` header names."""
+    if "Connection" not in headers:
+        return always
+    return always.union(
         token.strip().lower()
         for value in headers.getall("Connection", ())
         for token in value.split(",")
     )
+
+
+@functools.cache
+def _request_drop(auth_header: str) -> frozenset[str]:
+    """What never goes upstream on a route whose key goes in ``auth_header``."""
+    return _REQUEST_DROP | {auth_header.lower()}
 
 
 def upstream_request_headers(
@@ -73,9 +85,9 @@ def upstream_request_headers(
     request_id: str,
 ) -> CIMultiDict[str]:
     """The headers sent upstream for a client request."""
-    drop = _REQUEST_DROP | _named_by_connection(client) | {auth_header.lower()}
+    drop = _dropped(_request_drop(auth_header), client)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in client.items() if name.lower() not in drop
+        [(name, value) for name, value in client.items() if name.lower() not in drop]
     )
     out[auth_header] = auth_value
     out["Accept-Encoding"] = "identity"
@@ -87,11 +99,13 @@ def client_response_headers(
     upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, request_id: str
 ) -> CIMultiDict[str]:
     """The headers sent to the client for an upstream response."""
-    drop = _RESPONSE_DROP | _named_by_connection(upstream)
+    drop = _dropped(_RESPONSE_DROP, upstream)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value)
-        for name, value in upstream.items()
-        if name.lower() not in drop and not name.lower().startswith("access-control-")
+        [
+            (name, value)
+            for name, value in upstream.items()
+            if (lower := name.lower()) not in drop and not lower.startswith("access-control-")
+        ]
     )
     out["X-Accel-Buffering"] = "no"
     out["X-Request-ID"] = request_id

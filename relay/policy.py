@@ -22,6 +22,7 @@ _PATTERN = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*(?:/\*)?")
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Everything a well-formed path may contain; anything else (%, ;, NUL, spaces...) is rejected.
 _PATH_CHARS = re.compile(r"[A-Za-z0-9/._-]*")
+_DOT_SEGMENTS = frozenset({"", ".", ".."})  # never a segment of a relayed path
 
 POLLING_MODEL = "-"
 
@@ -83,7 +84,7 @@ def check_raw_path(raw_path: str) -> None:
     """Refuse percent-encoding, odd characters, and empty, '.' or '..' segments."""
     if _PATH_CHARS.fullmatch(raw_path) is None:
         raise BadRequest("the path contains characters outside the model id grammar")
-    if any(segment in ("", ".", "..") for segment in raw_path[1:].split("/")):
+    if not _DOT_SEGMENTS.isdisjoint(raw_path[1:].split("/")):
         raise BadRequest("the path has an empty, '.' or '..' segment")
 
 

@@ -162,7 +162,8 @@ def _checked_model(model: object, spool: IO[bytes] | None) -> str:
 
 
 async def _read_bounded(request: Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
     body = request.arrived_body()  # usually: a small body comes with its head
     if body is None:
@@ -218,7 +219,7 @@ async def _stream(
     submission: SubmissionTap | None = None
     heartbeat: Heartbeat | None = None
     try:
-        sent = await state.upstream_pool.send(
+        sent = await state.upstreams.send(
             request.method, outgoing.url, outgoing.headers, outgoing.body, outgoing.size
         )
         upstream = sent.connection

@@ -141,7 +141,7 @@ class Forwarder:
         tap: ChunkTap | None,
     ) -> None:
         transport = request.transport
-        if transport is None or request.client_gone:
+        if transport is None or transport.is_closing():
             raise ClientGone("the client went away")
         self._transport = transport
         self._protocol = request.front

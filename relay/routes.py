@@ -9,6 +9,7 @@ validation as the WaveSpeed routes; a path may hold one ``{model}`` placeholder.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ RESERVED_NAMES = frozenset({"stream", "submit", "prediction", "result", "preflig
 RESERVED_PREFIXES = ("/api/v3", "/healthz", "/readyz", "/metrics", "/static")
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+RESOLVED_KEPT = 1024  # request-targets whose resolution is remembered ...
+RESOLVED_KEPT_LENGTH = 256  # ... those no longer than this: the memo holds a MiB at most
 DEFAULT_DRAIN_MAX_BYTES = 64 * 1024 * 1024
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -95,8 +98,17 @@ class Router:
         self.routes = routes
         self.allowlists = {r.name: Allowlist(r.allowed_models) for r in (wavespeed, *routes)}
         self._matchers = [(r, [_matcher(r.prefix, p) for p in r.paths]) for r in routes]
+        # Resolving is a pure function of the method and target, and a stream's target is
+        # the same for every request to its model: remembered, it is one lookup in C.
+        self._remembered = functools.lru_cache(maxsize=RESOLVED_KEPT)(self._resolve)
 
     def resolve(self, method: str, raw_target: str) -> tuple[Route, Target]:
+        """The route and validated target of a request; raises the relay error to answer."""
+        if len(raw_target) <= RESOLVED_KEPT_LENGTH:
+            return self._remembered(method, raw_target)  # refusals raise, and are not kept
+        return self._resolve(method, raw_target)
+
+    def _resolve(self, method: str, raw_target: str) -> tuple[Route, Target]:
         raw_path, _, query = raw_target.partition("?")
         if raw_path.startswith(policy.PREFIX) or not raw_path.startswith("/"):
             return self.wavespeed, policy.resolve(method, raw_target)

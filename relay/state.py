@@ -21,36 +21,33 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class AppState:
-    """Everything one relay app owns. Built by ``create_app``; the pool by its cleanup ctx."""
+    """Everything one relay app owns. Built by ``create_app``; its cleanup ctx closes the
+    upstream pool."""
 
     config: Config
     metrics: RelayMetrics
     store: Store
     gate: Gate
     router: Router
-    upstreams: Upstreams | None = None
+    upstreams: Upstreams
     streams: set[Watchdog] = field(default_factory=set)
     draining: bool = False
-    _all_closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def upstream_pool(self) -> Upstreams:
-        assert self.upstreams is not None, "the upstream pool opens with the app"
-        return self.upstreams
+    _all_closed: asyncio.Event | None = None  # made by a wait, set when the last stream ends
 
     def stream_opened(self, watchdog: Watchdog) -> None:
         self.streams.add(watchdog)
-        self._all_closed.clear()
 
     def stream_closed(self, watchdog: Watchdog) -> None:
         self.streams.discard(watchdog)
-        if not self.streams:
+        if not self.streams and self._all_closed is not None:
             self._all_closed.set()
 
     async def wait_streams_closed(self, grace: float) -> bool:
         """Wait until no stream is open; False if ``grace`` seconds ran out first."""
         if not self.streams:
             return True
+        if self._all_closed is None or self._all_closed.is_set():
+            self._all_closed = asyncio.Event()
         try:
             async with asyncio.timeout(grace):
                 await self._all_closed.wait()

@@ -104,7 +104,8 @@ class Upstreams:
     def _checkout(self, origin: Origin) -> Connection | None:
         idle = self._idle.get(origin)
         while idle:
-            connection = _unpooled(idle.pop())  # the most recent: the least likely stale
+            connection = idle.pop()  # the most recent: the least likely stale
+            connection.pooled = False
             if connection.usable:
                 return connection
         return None

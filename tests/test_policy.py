@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from relay.app import wavespeed_route
 from relay.errors import BadRequest, MethodNotAllowed, ModelNotAllowed, NotFound, RelayError
 from relay.policy import Allowlist, Target, resolve
-from tests.conftest import FakeUpstream, Relay, raw_request
+from relay.routes import RESOLVED_KEPT_LENGTH, Router
+from tests.conftest import FakeUpstream, Relay, make_config, raw_request
 
 GOOD = [
     ("POST", "/api/v3/minimax/speech-02-hd/stream", Target("stream", "minimax/speech-02-hd", "/api/v3/minimax/speech-02-hd/stream", "")),
@@ -51,6 +53,21 @@ def test_crafted_paths_are_refused(target: str, error: type[RelayError]) -> None
     """Paths outside the grammar are refused before any allowlist or upstream step."""
     with pytest.raises(error):
         resolve("POST", target)
+
+
+def test_the_router_remembers_resolutions_but_never_refusals() -> None:
+    """Resolving through the router's memo gives what resolving afresh gives, every time; a
+    refusal is raised every time, and neither it nor a long target is kept."""
+    router = Router(wavespeed_route(make_config("http://127.0.0.1:9")), ())
+    long = "/api/v3/acme/x/stream?" + "q" * RESOLVED_KEPT_LENGTH
+    for _ in range(2):
+        for method, target, expected in GOOD:
+            assert router.resolve(method, target) == (router.wavespeed, expected)
+        for target, error in BAD:
+            with pytest.raises(error):
+                router.resolve("POST", target)
+        assert router.resolve("POST", long)[1].query == "q" * RESOLVED_KEPT_LENGTH
+    assert router._remembered.cache_info().currsize == len(GOOD)
 
 
 def test_wrong_methods_get_405_with_allow() -> None:
