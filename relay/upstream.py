@@ -1,8 +1,9 @@
 """The upstream side: one pool of keep-alive connections per app, and the request head.
 
-:meth:`Upstreams.request` is the only place a failure to reach the upstream becomes a
-:class:`~relay.errors.RelayError`; messages name an exception class at most, never a
-header, so never the provider key. The connections themselves are
+A request goes out in two steps, :meth:`Upstreams.send` and :meth:`Sent.response`, so the
+relay can prepare the stream while the upstream works. They are the only place a failure
+to reach the upstream becomes a :class:`~relay.errors.RelayError`; messages name an
+exception class at most, never a header, so never the provider key. The connections themselves are
 :class:`relay.connection.Connection` s: why the relay parses responses itself is told there.
 """
 
@@ -46,18 +47,6 @@ class Upstreams:
         self._idle: dict[Origin, list[Connection]] = {}
         self._resolved: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-
-    async def request(
-        self,
-        method: str,
-        url: URL,
-        headers: CIMultiDict[str],
-        body: bytes | IO[bytes],
-        size: int,
-    ) -> Connection:
-        """Send a request and return its connection once the response head is in."""
-        sent = await self.send(method, url, headers, body, size)
-        return await sent.response()
 
     async def send(
         self,

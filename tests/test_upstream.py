@@ -12,6 +12,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import IO
 
 import pytest
 import trustme
@@ -109,11 +110,19 @@ async def pool() -> AsyncIterator[Upstreams]:
     await upstreams.close()
 
 
+async def request(
+    pool: Upstreams, method: str, url: str, body: bytes | IO[bytes] = b"", size: int = 0
+) -> Connection:
+    """A request as the relay makes one: sent, then its connection once the head is in."""
+    sent = await pool.send(method, URL(url), CIMultiDict(), body, size)
+    return await sent.response()
+
+
 async def fetch(
     pool: Upstreams, url: str, method: str = "POST", body: bytes = b"{}"
 ) -> tuple[Connection, list[bytes]]:
     """One exchange read to its end: the connection (not yet released) and its chunks."""
-    connection = await step(pool.request(method, URL(url), CIMultiDict(), body, len(body)))
+    connection = await step(request(pool, method, url, body, len(body)))
     chunks: list[bytes] = []
     connection.attach(chunks.append)
     assert await step(connection.wait())
@@ -175,7 +184,7 @@ async def test_a_body_cut_mid_chunk_raises_upstream_closed(
 ) -> None:
     """An upstream that closes inside a chunked body fails the exchange: never a clean end."""
     server = await wire(answer(CHUNKED, b"5\r\nhello\r\n", b"8\r\nhal", keep=False))
-    connection = await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
+    connection = await step(request(pool, "POST", server.url))
     chunks: list[bytes] = []
     connection.attach(chunks.append)
     with pytest.raises(UpstreamClosed):
@@ -204,7 +213,7 @@ async def test_an_invalid_or_missing_response_is_upstream_unavailable(
     """What is not a valid HTTP/1.1 response head becomes the relay's 502, naming no header."""
     server = await wire(answer(response, keep=False))
     with pytest.raises(UpstreamUnavailable) as caught:
-        await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
+        await step(request(pool, "POST", server.url))
     assert caught.value.status == 502
 
 
@@ -251,7 +260,7 @@ async def test_a_connect_that_never_completes_is_upstream_timeout(
     monkeypatch.setattr(loop, "create_connection", hang)
     pool = Upstreams(connect_timeout=0.05)
     with pytest.raises(UpstreamTimeout) as caught:
-        await step(pool.request("GET", URL("http://127.0.0.1:9/"), CIMultiDict(), b"", 0))
+        await step(request(pool, "GET", "http://127.0.0.1:9/"))
     assert caught.value.status == 504
 
 
@@ -318,7 +327,7 @@ async def test_a_post_is_never_resent(
     connection, _ = await fetch(pool, server.url)
     connection.release()
     with pytest.raises(UpstreamUnavailable):
-        await step(pool.request("POST", URL(server.url), CIMultiDict(), b"{}", 2))
+        await step(request(pool, "POST", server.url, b"{}", 2))
     assert server.connections == 1
 
 
@@ -350,7 +359,7 @@ async def test_pause_stops_delivery_until_resume(
     """A sink that pauses makes wait() return False; the rest of the body follows resume()."""
     body = b"x" * (4 * 2**20)
     server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body))
-    connection = await step(pool.request("POST", URL(server.url), CIMultiDict(), b"", 0))
+    connection = await step(request(pool, "POST", server.url))
     received: list[bytes] = []
 
     def sink(chunk: bytes) -> None:
@@ -376,9 +385,7 @@ async def test_a_spooled_upload_is_sent_whole_with_its_length(
     server = await wire(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     upload = bytes(range(256)) * (3 * UPLOAD_CHUNK // 256 + 7)
     connection = await step(
-        pool.request(
-            "POST", URL(server.url + "/up"), CIMultiDict(), io.BytesIO(upload), len(upload)
-        )
+        request(pool, "POST", server.url + "/up", io.BytesIO(upload), len(upload))
     )
     connection.attach(lambda _: None)
     assert await step(connection.wait())
@@ -428,7 +435,7 @@ async def test_tls_upstream_is_verified(wire: Callable[..., Awaitable[WireServer
 
     untrusting = Upstreams(connect_timeout=5)  # the system's roots: the test CA is not one
     with pytest.raises(UpstreamUnavailable, match="SSLCertVerificationError"):
-        await step(untrusting.request("GET", URL(server.url), CIMultiDict(), b"", 0))
+        await step(request(untrusting, "GET", server.url))
     await untrusting.close()
 
 

@@ -82,7 +82,8 @@ class Client(asyncio.Protocol):
         headers = CIMultiDict(
             {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
         )
-        upstream = await self._upstreams.request(method, url, headers, body, len(body))
+        sent = await self._upstreams.send(method, url, headers, body, len(body))
+        upstream = await sent.response()
         transport = self._transport
         head = [b"HTTP/1.1 %d %b\r\n" % (upstream.status, upstream.reason.encode())]
         head += [
