@@ -178,6 +178,8 @@ class Sent:
         self.connection: Connection | None = None
 
     async def send(self) -> None:
+        """Write the request on a pooled connection, or a new one; again on another after
+        a stale one."""
         while True:
             connection = self._pool._checkout(self._origin)
             self._reused = connection is not None
