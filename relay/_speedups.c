@@ -1,4 +1,5 @@
-/* relay._speedups: the per-chunk path's two byte scans and its metrics' binning, in C.
+/* relay._speedups: the per-chunk path's two byte scans, its metrics' binning and the
+ * switch that hands each body chunk to its sink, in C.
  *
  * Each replaces a pure-Python function or class of relay/speedups.py, which documents
  * them, is used when this module was not built (no C compiler), and is the reference the
@@ -7,10 +8,12 @@
  * where the chain of ``bytes.partition`` calls they replace (about 1,000 instructions each
  * on CPython 3.11) ran more user-space instructions than the write to the client.
  * ChunkTimes bins a stream's chunk times in C doubles and counts, and holds no Python
- * object: its add() is the only per-chunk call the metrics make.
+ * object: its add() is the only per-chunk call the metrics make. Switch calls whatever
+ * sink is attached to an upstream connection, in place of a Python method that would.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -273,15 +276,131 @@ static PyType_Spec ChunkTimes_spec = {
     .slots = ChunkTimes_slots,
 };
 
+/* Switch: a callable that passes its arguments on to its current ``target``, so that a
+ * caller which looked up its callback once (llhttp's body callback, in httptools) reaches
+ * whichever sink is attached now without a Python frame in between. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *target;
+    vectorcallfunc vectorcall;
+} Switch;
+
+static PyObject *
+Switch_call(Switch *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    /* The target may replace itself during the call (a sink that detaches): hold it. */
+    PyObject *target = Py_NewRef(self->target);
+    PyObject *result = PyObject_Vectorcall(target, args, nargsf, kwnames);
+    Py_DECREF(target);
+    return result;
+}
+
+static PyObject *
+Switch_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) || PyTuple_GET_SIZE(args) != 1) {
+        PyErr_SetString(PyExc_TypeError, "Switch() takes one target");
+        return NULL;
+    }
+    PyObject *target = PyTuple_GET_ITEM(args, 0);
+    Switch *self = (Switch *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->target = Py_NewRef(target);
+    self->vectorcall = (vectorcallfunc)Switch_call;
+    return (PyObject *)self;
+}
+
+static int
+Switch_set_target(Switch *self, PyObject *target, void *Py_UNUSED(closure))
+{
+    if (target == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a Switch always has a target");
+        return -1;
+    }
+    Py_SETREF(self->target, Py_NewRef(target));
+    return 0;
+}
+
+static PyObject *
+Switch_get_target(Switch *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->target);
+}
+
+static int
+Switch_traverse(Switch *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->target);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int
+Switch_clear(Switch *self)
+{
+    Py_CLEAR(self->target);
+    return 0;
+}
+
+static void
+Switch_dealloc(Switch *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Switch_clear(self);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyGetSetDef Switch_getset[] = {
+    {"target", (getter)Switch_get_target, (setter)Switch_set_target, "What a call reaches.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Switch_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(Switch, vectorcall), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Switch_slots[] = {
+    {Py_tp_new, Switch_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_dealloc, Switch_dealloc},
+    {Py_tp_traverse, Switch_traverse},
+    {Py_tp_clear, Switch_clear},
+    {Py_tp_getset, Switch_getset},
+    {Py_tp_members, Switch_members},
+    {Py_tp_doc, "Calls its target with its arguments: see relay.speedups.Switch."},
+    {0, NULL},
+};
+
+static PyType_Spec Switch_spec = {
+    .name = "relay._speedups.Switch",
+    .basicsize = sizeof(Switch),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_HAVE_VECTORCALL,
+    .slots = Switch_slots,
+};
+
+static int
+add_type(PyObject *module, PyType_Spec *spec, const char *name)
+{
+    PyObject *type = PyType_FromModuleAndSpec(module, spec, NULL);
+    if (type == NULL)
+        return -1;
+    int added = PyModule_AddObjectRef(module, name, type);
+    Py_DECREF(type);
+    return added;
+}
+
 static int
 exec_module(PyObject *module)
 {
-    PyObject *type = PyType_FromModuleAndSpec(module, &ChunkTimes_spec, NULL);
-    if (type == NULL)
+    if (add_type(module, &ChunkTimes_spec, "ChunkTimes") < 0)
         return -1;
-    int added = PyModule_AddObjectRef(module, "ChunkTimes", type);
-    Py_DECREF(type);
-    return added;
+    return add_type(module, &Switch_spec, "Switch");
 }
 
 static PyMethodDef methods[] = {

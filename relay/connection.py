@@ -21,6 +21,8 @@ from typing import IO, Protocol, cast
 import httptools
 from multidict import CIMultiDict
 
+from relay.speedups import Switch
+
 Sink = Callable[[bytes], None]
 Origin = tuple[str, str, int]  # scheme, host, port
 
@@ -56,7 +58,8 @@ class Connection(asyncio.Protocol):
         "_complete", "_error", "_head_bytes", "_held", "_held_bytes", "_interrupt",
         "_keep_alive", "_loop", "_needs_drain", "_parser", "_pool", "_raw_headers", "_reason",
         "_sink", "_skipping_informational", "_transport", "_waiter", "_write_waiter",
-        "has_head", "headers", "idle_since", "origin", "pooled", "received_any", "status",
+        "has_head", "headers", "idle_since", "on_body", "origin", "pooled", "received_any",
+        "status",
     )  # fmt: skip
 
     def __init__(self, pool: Pool, origin: Origin) -> None:
@@ -64,6 +67,9 @@ class Connection(asyncio.Protocol):
         self.origin = origin
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        # llhttp's body callback, looked up once by the parser: it reaches the attached sink
+        # directly (in C where built), or holds the chunk while none is (see _reset).
+        self.on_body = Switch(self._hold)
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
@@ -86,6 +92,7 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._interrupt: BaseException | None = None
         self._sink: Sink | None = None
+        self.on_body.target = self._hold
         self._held: list[bytes] = []
         self._held_bytes = 0
 
@@ -124,7 +131,7 @@ class Connection(asyncio.Protocol):
 
         What an earlier sink passed to :meth:`interrupt` and nobody raised yet is dropped.
         """
-        self._sink = sink
+        self._sink = self.on_body.target = sink
         self._interrupt = None
         held, self._held, self._held_bytes = self._held, [], 0
         for chunk in held:
@@ -178,6 +185,7 @@ class Connection(asyncio.Protocol):
     def refuse(self, chunk: bytes, exc: BaseException) -> None:
         """The sink cannot take ``chunk``: detach it, hold the chunk, and interrupt."""
         self._sink = None
+        self.on_body.target = self._hold
         self._hold(chunk)
         self.interrupt(exc)
 
@@ -195,6 +203,7 @@ class Connection(asyncio.Protocol):
         freed by reference counting rather than left as cycles for the collector."""
         self._keep_alive = False
         self._sink = None
+        self.on_body.target = _closed
         self._held.clear()
         self._error = self._interrupt = None
         if self._transport is not None:
@@ -269,6 +278,7 @@ class Connection(asyncio.Protocol):
             self._error = self._error or UpstreamClosed("the upstream closed the connection")
         self._keep_alive = False
         self._sink = None
+        self.on_body.target = _closed
         del self._parser  # it holds our bound methods (a cycle), and nothing more arrives
         self._wake()
         if self._write_waiter is not None and not self._write_waiter.done():
@@ -317,13 +327,6 @@ class Connection(asyncio.Protocol):
         self.has_head = True
         self._wake()
 
-    def on_body(self, body: bytes) -> None:
-        sink = self._sink
-        if sink is not None:
-            sink(body)
-        else:
-            self._hold(body)
-
     def on_message_complete(self) -> None:
         if self._skipping_informational:
             self._skipping_informational = False
@@ -331,3 +334,7 @@ class Connection(asyncio.Protocol):
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()
+
+
+def _closed(_: bytes) -> None:
+    """The body callback of a closed connection: nothing more is read from it."""

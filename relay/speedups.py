@@ -1,10 +1,11 @@
-"""The per-chunk path's byte scans and its metrics' binning, compiled when the install
-could build them.
+"""The per-chunk path's byte scans, its metrics' binning and its body callback, compiled
+when the install could build them.
 
 The relay's user-space CPU per relayed event is mostly the Python run for each upstream
 chunk. Of the 21.5k instructions an event cost, two scans of the chunk were some 9k
 (framing it for the client, and the SSE tap's look at it) and binning its times for the
-metrics about 2.5k. Each is now one C call into ``relay._speedups``, built from
+metrics about 2.5k; the Python method through which llhttp handed each chunk to its sink
+was another 0.4k. Each is now one C call into ``relay._speedups``, built from
 ``relay/_speedups.c`` by ``pip install`` given a C compiler; the Python versions here run
 where it could not be built. The two give the same results for every input
 (``tests/test_speedups.py``); ``COMPILED`` says which one runs, and so does the start-up
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # The byte strings every terminal event carries (relay/sse.py); _speedups.c has them too.
 MARKERS = (b"[DONE]", b'"complete"', b'"error"', b"base_resp")
@@ -103,14 +104,34 @@ class ChunkTimesPy:
         return taken
 
 
+class SwitchPy:
+    """A callable that passes its arguments on to its current :attr:`target`.
+
+    httptools looks up a parser's body callback once, when the parser is made, and an
+    upstream connection's parser outlives each exchange's sink: the connection's body
+    callback is a switch, pointed at the sink while one is attached. Compiled, a call
+    through it runs no Python frame; this twin runs one, as the method it replaces did.
+    """
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Callable[..., object]) -> None:
+        self.target = target
+
+    def __call__(self, *args: object) -> object:
+        return self.target(*args)
+
+
 try:
     from relay._speedups import ChunkTimes as ChunkTimes
+    from relay._speedups import Switch as Switch
     from relay._speedups import frame as frame
     from relay._speedups import plain_event as plain_event
 except ImportError:  # installed without a C compiler: the same, in Python
     COMPILED = False
     frame, plain_event = frame_py, plain_event_py
-    # mypy checks against the stub's class; ChunkTimesPy has its interface (tested).
+    # mypy checks against the stub's classes; the twins have their interfaces (tested).
     ChunkTimes = ChunkTimesPy  # type: ignore[assignment,misc]
+    Switch = SwitchPy  # type: ignore[assignment,misc]
 else:
     COMPILED = True

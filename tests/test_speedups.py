@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import weakref
+from collections.abc import Callable
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relay import speedups
-from relay.speedups import MARKERS, ChunkTimesPy, frame_py, plain_event_py
+from relay.speedups import MARKERS, ChunkTimesPy, SwitchPy, frame_py, plain_event_py
 
 if speedups.COMPILED:
     from relay import _speedups
@@ -122,8 +125,68 @@ def test_only_bytes_are_taken(function: str) -> None:
             getattr(_speedups, function)(wrong)
 
 
+@pytest.fixture(params=["compiled", "python"])
+def switch_class(request: pytest.FixtureRequest) -> Callable[..., SwitchPy]:
+    return _speedups.Switch if request.param == "compiled" else SwitchPy  # type: ignore[return-value]
+
+
+def test_a_switch_calls_its_current_target(switch_class: Callable[..., SwitchPy]) -> None:
+    """Each call reaches the target set last, with the call's arguments and result; a
+    target that replaces itself while it runs finishes its call, and the next call goes to
+    its replacement."""
+    got: list[object] = []
+    switch = switch_class(got.append)
+    assert switch(b"a") is None
+    switch.target = lambda *args: got.append(args) or "result"
+    assert switch(b"b", 2) == "result"
+
+    def detach(chunk: bytes) -> None:
+        switch.target = got.append  # the only reference to this function goes here
+        got.append(("detached", chunk))
+
+    switch.target = detach
+    del detach
+    switch(b"c")
+    switch(b"d")
+    assert got == [b"a", (b"b", 2), ("detached", b"c"), b"d"]
+    switch.target = lambda _: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        switch(b"e")
+
+
+def test_a_switch_always_has_one_target() -> None:
+    """The compiled switch takes exactly one target, and its target cannot be deleted."""
+    with pytest.raises(TypeError):
+        _speedups.Switch()
+    with pytest.raises(TypeError):
+        _speedups.Switch(print, print)
+    switch = _speedups.Switch(print)
+    with pytest.raises(AttributeError):
+        del switch.target
+
+
+def test_a_cycle_through_a_switch_is_collected() -> None:
+    """A switch whose target refers back to it is found and freed by the collector (the
+    relay breaks such cycles itself; the collector is the backstop)."""
+
+    class Owner:
+        def __init__(self) -> None:
+            self.switch = _speedups.Switch(self.hold)  # owner -> switch -> bound method
+
+        def hold(self, _: bytes) -> None:
+            pass
+
+    owner = Owner()
+    gone = weakref.ref(owner)
+    del owner
+    assert gone() is not None  # a cycle: reference counting alone cannot free it
+    gc.collect()
+    assert gone() is None
+
+
 def test_the_relay_uses_the_compiled_versions() -> None:
     """Where the module was built, it is what the per-chunk path calls."""
     assert speedups.frame is _speedups.frame
     assert speedups.plain_event is _speedups.plain_event
     assert speedups.ChunkTimes is _speedups.ChunkTimes
+    assert speedups.Switch is _speedups.Switch

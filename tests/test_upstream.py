@@ -19,8 +19,10 @@ import trustme
 from multidict import CIMultiDict
 from yarl import URL
 
+from relay import connection as connection_module
 from relay.connection import MAX_HEAD_BYTES, UPLOAD_CHUNK, Connection, UpstreamClosed
 from relay.errors import UpstreamTimeout, UpstreamUnavailable
+from relay.speedups import SwitchPy
 from relay.upstream import Upstreams, _request_head
 from tests.conftest import step
 
@@ -129,10 +131,17 @@ async def fetch(
     return connection, chunks
 
 
+@pytest.mark.parametrize("switch", ["compiled", "python"])
 async def test_chunked_body_arrives_chunk_by_chunk_and_the_connection_is_reused(
-    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+    wire: Callable[..., Awaitable[WireServer]],
+    pool: Upstreams,
+    switch: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each chunk of a chunked body reaches the sink as sent; the next request reuses the socket."""
+    """Each chunk of a chunked body reaches the sink as sent; the next request reuses the
+    socket. The same with the Python twin of the body callback's switch (no C compiler)."""
+    if switch == "python":
+        monkeypatch.setattr(connection_module, "Switch", SwitchPy)
     server = await wire(answer(CHUNKED, b"5\r\nhello\r\n", b"6\r\n world\r\n", b"0\r\n\r\n"))
     for _ in range(3):
         connection, chunks = await fetch(pool, server.url + "/v1/x")
