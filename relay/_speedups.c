@@ -13,8 +13,13 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if PY_VERSION_HEX < 0x030C0000 /* the member types' names before 3.12 */
 #include <structmember.h>
+#define Py_T_PYSSIZET T_PYSSIZET
+#define Py_READONLY READONLY
+#endif
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -360,7 +365,7 @@ static PyGetSetDef Switch_getset[] = {
 };
 
 static PyMemberDef Switch_members[] = {
-    {"__vectorcalloffset__", T_PYSSIZET, offsetof(Switch, vectorcall), READONLY, NULL},
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(Switch, vectorcall), Py_READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
