@@ -66,7 +66,7 @@ UNITS = {
 Starter = Callable[[int], System]  # the upstream's port -> a started system
 
 
-async def measure(workload: str, target: Target, upstream: Target) -> float:
+async def measure(workload: str, target: Target) -> float:
     """One figure of one system, with ``python -m bench``'s full parameters: W2's CPU per
     1,000 events, W4's RSS per idle stream, or W5's p50 added over the direct upstream
     (from requests paired with the system's)."""
@@ -92,7 +92,6 @@ async def compare(
     """Run ``workload`` on every system, in shuffled order, ``rounds`` times; print each
     round and return the medians."""
     upstream, upstream_port = start_upstream(workdir, rig)
-    direct = Target(upstream_port, None, upstream_port, upstream.pid)
     results: dict[str, list[float]] = {name: [] for name in starters}
     print(f"{workload}: {UNITS[workload]}; {rounds} round(s)", flush=True)
     try:
@@ -103,7 +102,7 @@ async def compare(
                 system = starters[name](upstream_port)
                 try:
                     target = Target(system.port, system, upstream_port, upstream.pid)
-                    results[name].append(await measure(workload, target, direct))
+                    results[name].append(await measure(workload, target))
                 finally:
                     system.stop()
             line = "  ".join(f"{name} {values[-1]:8.1f}" for name, values in results.items())

@@ -303,26 +303,25 @@ async def w5_ttfb(target: Target, *, rate: float, count: int) -> Metrics:
     paired = target.system is not None
     ttfbs: list[int] = []
     direct_ttfbs: list[int] = []
-    errors = 0
+    errors = {target.port: 0, target.upstream_port: 0}
     requests = {
         port: request_bytes(port, "mode=sse&n=1&pad=40")
         for port in (target.port, target.upstream_port)
     }
 
     async def one(port: int, at: float, into: list[int]) -> None:
-        nonlocal errors
         await asyncio.sleep(max(0.0, at - loop.time()))
         t0 = time.monotonic_ns()
         try:
             stream = await open_stream(port, requests[port])
             await asyncio.wait_for(stream.done, 30)
         except (OSError, TimeoutError):
-            errors += 1
+            errors[port] += 1
             return
         if stream.status == 200 and stream.first_body_ns:
             into.append(stream.first_body_ns - t0)
         else:
-            errors += 1
+            errors[port] += 1
 
     start = loop.time() + 0.05
     tasks = [one(target.port, start + i / rate, ttfbs) for i in range(count)]
@@ -332,10 +331,16 @@ async def w5_ttfb(target: Target, *, rate: float, count: int) -> Metrics:
         ]
     await asyncio.gather(*tasks)
     p50, p99 = _us(pct(ttfbs, 0.5)), _us(pct(ttfbs, 0.99))
-    result: Metrics = {"requests": count, "errors": errors, "p50_us": p50, "p99_us": p99}
+    result: Metrics = {
+        "requests": count,
+        "errors": errors[target.port],
+        "p50_us": p50,
+        "p99_us": p99,
+    }
     if paired:
         direct_p50, direct_p99 = _us(pct(direct_ttfbs, 0.5)), _us(pct(direct_ttfbs, 0.99))
         result |= {
+            "paired_direct_errors": errors[target.upstream_port],
             "paired_direct_p50_us": direct_p50,
             "paired_direct_p99_us": direct_p99,
             "added_p50_us": round(p50 - direct_p50, 1),
