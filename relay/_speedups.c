@@ -293,6 +293,10 @@ typedef struct {
 static PyObject *
 Switch_call(Switch *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    if (self->target == NULL) { /* cleared by the collector, as part of a dead cycle */
+        PyErr_SetString(PyExc_RuntimeError, "a cleared Switch was called");
+        return NULL;
+    }
     /* The target may replace itself during the call (a sink that detaches): hold it. */
     PyObject *target = Py_NewRef(self->target);
     PyObject *result = PyObject_Vectorcall(target, args, nargsf, kwnames);
@@ -330,7 +334,7 @@ Switch_set_target(Switch *self, PyObject *target, void *Py_UNUSED(closure))
 static PyObject *
 Switch_get_target(Switch *self, void *Py_UNUSED(closure))
 {
-    return Py_NewRef(self->target);
+    return Py_NewRef(self->target != NULL ? self->target : Py_None);
 }
 
 static int
@@ -377,7 +381,7 @@ static PyType_Slot Switch_slots[] = {
     {Py_tp_clear, Switch_clear},
     {Py_tp_getset, Switch_getset},
     {Py_tp_members, Switch_members},
-    {Py_tp_doc, "Calls its target with its arguments: see relay.speedups.Switch."},
+    {Py_tp_doc, "Calls its target with its arguments: see relay.speedups.SwitchPy."},
     {0, NULL},
 };
 
