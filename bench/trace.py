@@ -42,7 +42,7 @@ STEPS = (
     "the upstream answers (the rest of its time)",
     "wake the handler",
     "the response's headers and taps",
-    "the response head, the forwarder, the first write",
+    "the response head and the forwarder, up to the first write",
 )
 SENT, ANSWERED = 6, 8  # the stamps between which the upstream works (and the relay may too)
 
@@ -101,7 +101,7 @@ def install(path: str) -> None:
     ``path`` (JSON) when the process exits."""
     import atexit
 
-    from relay import connection, front, gate, proxy, pump, server, upstream
+    from relay import connection, front, gate, proxy, server, upstream
 
     data_received = front.Front.data_received
 
@@ -124,7 +124,7 @@ def install(path: str) -> None:
         connection.Connection.on_headers_complete, 8
     )
     front.Request.start = _before(front.Request.start, 10)  # type: ignore[method-assign]
-    pump.Forwarder._write_head = _before(pump.Forwarder._write_head, 11)  # type: ignore[method-assign]
+    connection.Connection.attach = _before(connection.Connection.attach, 11)  # type: ignore[method-assign]
     atexit.register(lambda: Path(path).write_text(json.dumps(_traces)))
 
 

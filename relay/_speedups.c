@@ -1,5 +1,5 @@
-/* relay._speedups: the per-chunk path's two byte scans, its metrics' binning and the
- * switch that hands each body chunk to its sink, in C.
+/* relay._speedups: the per-chunk path's two byte scans, its metrics' binning, the
+ * switch that hands each body chunk to its sink, and that sink, in C.
  *
  * Each replaces a pure-Python function or class of relay/speedups.py, which documents
  * them, is used when this module was not built (no C compiler), and is the reference the
@@ -9,19 +9,24 @@
  * on CPython 3.11) ran more user-space instructions than the write to the client.
  * ChunkTimes bins a stream's chunk times in C doubles and counts, and holds no Python
  * object: its add() is the only per-chunk call the metrics make. Switch calls whatever
- * sink is attached to an upstream connection, in place of a Python method that would.
+ * sink is attached to an upstream connection, in place of a Python method that would, and
+ * Forward is the sink of a streaming response: it writes each chunk to the client, then
+ * records it, with no Python frame.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #if PY_VERSION_HEX < 0x030C0000 /* the member types' names before 3.12 */
 #include <structmember.h>
 #define Py_T_PYSSIZET T_PYSSIZET
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_T_BOOL T_BOOL
 #define Py_READONLY READONLY
 #endif
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 /* relay/speedups.py's MARKERS, the byte strings every terminal event carries, each with
  * the index of the byte a search looks for first: one rare in JSON and in hex (audio). */
@@ -79,6 +84,36 @@ plain_event(PyObject *module, PyObject *chunk)
     return PyLong_FromLong(dispatches);
 }
 
+/* `prefix` (may be empty), then `chunk` in HTTP/1.1 chunked framing if `chunked` (its size
+ * in hex, CRLF, the chunk, CRLF), else as it is: one new bytes object. */
+static PyObject *
+framed_after(const char *prefix, size_t prefix_size, PyObject *chunk, int chunked)
+{
+    size_t size = (size_t)PyBytes_GET_SIZE(chunk);
+    char hex[2 * sizeof size];
+    size_t digits = 0;
+    if (chunked) {
+        for (size_t rest = size; digits == 0 || rest != 0; rest >>= 4)
+            hex[sizeof hex - ++digits] = "0123456789abcdef"[rest & 15];
+    }
+    size_t framing = chunked ? digits + 4 : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(prefix_size + framing + size));
+    if (out == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    memcpy(p, prefix, prefix_size);
+    p += prefix_size;
+    if (chunked) {
+        memcpy(p, hex + sizeof hex - digits, digits);
+        memcpy(p + digits, "\r\n", 2);
+        p += digits + 2;
+    }
+    memcpy(p, PyBytes_AS_STRING(chunk), size);
+    if (chunked)
+        memcpy(p + size, "\r\n", 2);
+    return out;
+}
+
 /* frame(chunk) -> the chunk in HTTP/1.1 chunked framing: size in hex, CRLF, chunk, CRLF. */
 static PyObject *
 frame(PyObject *module, PyObject *chunk)
@@ -87,20 +122,7 @@ frame(PyObject *module, PyObject *chunk)
         PyErr_SetString(PyExc_TypeError, "frame() takes bytes");
         return NULL;
     }
-    size_t size = (size_t)PyBytes_GET_SIZE(chunk);
-    char hex[2 * sizeof size];
-    size_t digits = 0;
-    for (size_t rest = size; digits == 0 || rest != 0; rest >>= 4)
-        hex[sizeof hex - ++digits] = "0123456789abcdef"[rest & 15];
-    PyObject *framed = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(digits + size + 4));
-    if (framed == NULL)
-        return NULL;
-    char *out = PyBytes_AS_STRING(framed);
-    memcpy(out, hex + sizeof hex - digits, digits);
-    memcpy(out + digits, "\r\n", 2);
-    memcpy(out + digits + 2, PyBytes_AS_STRING(chunk), size);
-    memcpy(out + digits + 2 + size, "\r\n", 2);
-    return framed;
+    return framed_after("", 0, chunk, 1);
 }
 
 /* ChunkTimes: one stream's chunk times, binned; see relay/speedups.py's ChunkTimesPy. */
@@ -393,6 +415,335 @@ static PyType_Spec Switch_spec = {
     .slots = Switch_slots,
 };
 
+/* Forward: the sink of a streaming response; see relay/speedups.py's ForwardPy, which
+ * documents it. The names of the attributes and methods it uses are interned once, in the
+ * module's state. */
+typedef struct {
+    PyObject *is_closing, *write, *writelines, *refuse, *pause, *writing_paused, *last,
+        *bytes_out, *chunks, *gone_message, *crlf, *empty;
+} State;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *transport, *protocol, *upstream, *exchange, *record, *watchdog, *tap, *gone;
+    PyObject *head; /* bytes: the response head, until the first write takes it */
+    Py_ssize_t small; /* a chunked chunk under this many bytes is framed into one write */
+    char chunked;     /* the response is chunked: frame each chunk */
+    vectorcallfunc vectorcall;
+} Forward;
+
+/* time.monotonic(), as CPython computes it on Linux: CLOCK_MONOTONIC in nanoseconds, then
+ * seconds as a double the way _PyTime_AsSecondsDouble makes them. */
+static PyObject *
+monotonic(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    int64_t ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    double seconds = ns % 1000000000 == 0 ? (double)(ns / 1000000000) : (double)ns / 1e9;
+    return PyFloat_FromDouble(seconds);
+}
+
+/* The stream's counter `name` on the exchange, plus `by`. */
+static int
+add_to(PyObject *exchange, PyObject *name, Py_ssize_t by)
+{
+    PyObject *value = PyObject_GetAttr(exchange, name);
+    if (value == NULL)
+        return -1;
+    PyObject *increment = PyLong_FromSsize_t(by);
+    PyObject *total = increment == NULL ? NULL : PyNumber_Add(value, increment);
+    Py_DECREF(value);
+    Py_XDECREF(increment);
+    if (total == NULL)
+        return -1;
+    int set = PyObject_SetAttr(exchange, name, total);
+    Py_DECREF(total);
+    return set;
+}
+
+/* The chunk to the client: with the head before it the first time, framed when chunked;
+ * a large chunk is written as three pieces rather than copied into one. */
+static int
+Forward_write(Forward *self, State *st, PyObject *chunk, Py_ssize_t size)
+{
+    PyObject *result;
+    if (PyBytes_GET_SIZE(self->head) != 0) {
+        PyObject *head = self->head;
+        PyObject *data = framed_after(PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head),
+                                      chunk, self->chunked && size != 0);
+        if (data == NULL)
+            return -1;
+        self->head = Py_NewRef(st->empty);
+        Py_DECREF(head);
+        result = PyObject_CallMethodOneArg(self->transport, st->write, data);
+        Py_DECREF(data);
+    }
+    else if (!self->chunked) {
+        result = PyObject_CallMethodOneArg(self->transport, st->write, chunk);
+    }
+    else if (size < self->small) {
+        PyObject *data = framed_after("", 0, chunk, 1);
+        if (data == NULL)
+            return -1;
+        result = PyObject_CallMethodOneArg(self->transport, st->write, data);
+        Py_DECREF(data);
+    }
+    else {
+        char line[2 * sizeof(size_t) + 3];
+        int length = snprintf(line, sizeof line, "%zx\r\n", (size_t)size);
+        PyObject *pieces = Py_BuildValue("(y#OO)", line, (Py_ssize_t)length, chunk, st->crlf);
+        if (pieces == NULL)
+            return -1;
+        result = PyObject_CallMethodOneArg(self->transport, st->writelines, pieces);
+        Py_DECREF(pieces);
+    }
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+static PyObject *
+Forward_call(Forward *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "a Forward takes one chunk of bytes");
+        return NULL;
+    }
+    if (self->transport == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a cleared Forward was called");
+        return NULL;
+    }
+    State *st = PyType_GetModuleState(Py_TYPE(self));
+    PyObject *chunk = args[0], *received = NULL, *written = NULL, *result;
+    /* Everything it calls may drop the last other reference to it: hold it. */
+    Py_INCREF(self);
+    if ((received = monotonic()) == NULL)
+        goto failed;
+    result = PyObject_CallMethodNoArgs(self->transport, st->is_closing);
+    int closing = result == NULL ? -1 : PyObject_IsTrue(result);
+    Py_XDECREF(result);
+    if (closing < 0)
+        goto failed;
+    if (closing) {
+        PyObject *gone = PyObject_CallOneArg(self->gone, st->gone_message);
+        if (gone == NULL)
+            goto failed;
+        PyObject *refuse_args[] = {self->upstream, chunk, gone};
+        result = PyObject_VectorcallMethod(st->refuse, refuse_args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(gone);
+        goto done;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(chunk);
+    if (Forward_write(self, st, chunk, size) < 0 || (written = monotonic()) == NULL)
+        goto failed;
+    result = PyObject_GetAttr(self->protocol, st->writing_paused);
+    int paused = result == NULL ? -1 : PyObject_IsTrue(result);
+    Py_XDECREF(result);
+    if (paused < 0)
+        goto failed;
+    if (paused) {
+        result = PyObject_CallMethodNoArgs(self->upstream, st->pause);
+        if (result == NULL)
+            goto failed;
+        Py_DECREF(result);
+    }
+    /* Idle time counts only while the relay waits on the upstream. */
+    if (PyObject_SetAttr(self->watchdog, st->last, written) < 0)
+        goto failed;
+    if (self->tap != Py_None) { /* after the write: a passive look never delays the client */
+        result = PyObject_CallOneArg(self->tap, chunk);
+        if (result == NULL)
+            goto failed;
+        Py_DECREF(result);
+    }
+    if (add_to(self->exchange, st->bytes_out, size) < 0 || add_to(self->exchange, st->chunks, 1) < 0)
+        goto failed;
+    PyObject *times[] = {received, written};
+    result = PyObject_Vectorcall(self->record, times, 2, NULL);
+    goto done;
+failed:
+    result = NULL;
+done:
+    Py_XDECREF(received);
+    Py_XDECREF(written);
+    Py_DECREF(self);
+    return result;
+}
+
+static PyObject *
+Forward_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"transport", "protocol", "upstream", "exchange", "record",
+                            "watchdog", "tap", "gone", "head", "chunked", "small", NULL};
+    PyObject *transport, *protocol, *upstream, *exchange, *record, *watchdog, *tap, *gone;
+    PyObject *head;
+    int chunked;
+    Py_ssize_t small;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOSpn:Forward", names, &transport,
+                                     &protocol, &upstream, &exchange, &record, &watchdog, &tap,
+                                     &gone, &head, &chunked, &small))
+        return NULL;
+    Forward *self = (Forward *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->transport = Py_NewRef(transport);
+    self->protocol = Py_NewRef(protocol);
+    self->upstream = Py_NewRef(upstream);
+    self->exchange = Py_NewRef(exchange);
+    self->record = Py_NewRef(record);
+    self->watchdog = Py_NewRef(watchdog);
+    self->tap = Py_NewRef(tap);
+    self->gone = Py_NewRef(gone);
+    self->head = Py_NewRef(head);
+    self->chunked = (char)chunked;
+    self->small = small;
+    self->vectorcall = (vectorcallfunc)Forward_call;
+    return (PyObject *)self;
+}
+
+static PyObject *
+Forward_get_head(Forward *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->head != NULL ? self->head : Py_None);
+}
+
+static int
+Forward_set_head(Forward *self, PyObject *head, void *Py_UNUSED(closure))
+{
+    if (head == NULL || !PyBytes_Check(head)) {
+        PyErr_SetString(PyExc_TypeError, "a Forward's head is bytes");
+        return -1;
+    }
+    Py_XSETREF(self->head, Py_NewRef(head));
+    return 0;
+}
+
+static int
+Forward_traverse(Forward *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->transport);
+    Py_VISIT(self->protocol);
+    Py_VISIT(self->upstream);
+    Py_VISIT(self->exchange);
+    Py_VISIT(self->record);
+    Py_VISIT(self->watchdog);
+    Py_VISIT(self->tap);
+    Py_VISIT(self->gone);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int
+Forward_clear(Forward *self)
+{
+    Py_CLEAR(self->transport);
+    Py_CLEAR(self->protocol);
+    Py_CLEAR(self->upstream);
+    Py_CLEAR(self->exchange);
+    Py_CLEAR(self->record);
+    Py_CLEAR(self->watchdog);
+    Py_CLEAR(self->tap);
+    Py_CLEAR(self->gone);
+    Py_CLEAR(self->head);
+    return 0;
+}
+
+static void
+Forward_dealloc(Forward *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Forward_clear(self);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyGetSetDef Forward_getset[] = {
+    {"head", (getter)Forward_get_head, (setter)Forward_set_head,
+     "The response head, written with the first chunk (b\"\" once written).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Forward_members[] = {
+    {"transport", Py_T_OBJECT_EX, offsetof(Forward, transport), Py_READONLY, NULL},
+    {"protocol", Py_T_OBJECT_EX, offsetof(Forward, protocol), Py_READONLY, NULL},
+    {"upstream", Py_T_OBJECT_EX, offsetof(Forward, upstream), Py_READONLY, NULL},
+    {"chunked", Py_T_BOOL, offsetof(Forward, chunked), Py_READONLY, NULL},
+    {"small", Py_T_PYSSIZET, offsetof(Forward, small), Py_READONLY, NULL},
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(Forward, vectorcall), Py_READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Forward_slots[] = {
+    {Py_tp_new, Forward_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_dealloc, Forward_dealloc},
+    {Py_tp_traverse, Forward_traverse},
+    {Py_tp_clear, Forward_clear},
+    {Py_tp_getset, Forward_getset},
+    {Py_tp_members, Forward_members},
+    {Py_tp_doc, "Writes each chunk to the client: see relay.speedups.ForwardPy."},
+    {0, NULL},
+};
+
+static PyType_Spec Forward_spec = {
+    .name = "relay._speedups.Forward",
+    .basicsize = sizeof(Forward),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_HAVE_VECTORCALL,
+    .slots = Forward_slots,
+};
+
+static int
+State_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    State *st = PyModule_GetState(module);
+    if (st == NULL)
+        return 0;
+    PyObject **names = (PyObject **)st;
+    for (size_t i = 0; i < sizeof(State) / sizeof(PyObject *); i++)
+        Py_VISIT(names[i]);
+    return 0;
+}
+
+static int
+State_clear(PyObject *module)
+{
+    State *st = PyModule_GetState(module);
+    if (st == NULL)
+        return 0;
+    PyObject **names = (PyObject **)st;
+    for (size_t i = 0; i < sizeof(State) / sizeof(PyObject *); i++)
+        Py_CLEAR(names[i]);
+    return 0;
+}
+
+static void
+State_free(void *module)
+{
+    State_clear((PyObject *)module);
+}
+
+static int
+State_init(PyObject *module)
+{
+    State *st = PyModule_GetState(module);
+    static const char *const names[] = {
+        "is_closing", "write", "writelines", "refuse", "pause", "writing_paused", "last",
+        "bytes_out", "chunks", "the client went away"};
+    PyObject **slots = (PyObject **)st;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if ((slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return -1;
+    }
+    if ((st->crlf = PyBytes_FromStringAndSize("\r\n", 2)) == NULL)
+        return -1;
+    return (st->empty = PyBytes_FromStringAndSize("", 0)) == NULL ? -1 : 0;
+}
+
 static int
 add_type(PyObject *module, PyType_Spec *spec, const char *name)
 {
@@ -407,9 +758,10 @@ add_type(PyObject *module, PyType_Spec *spec, const char *name)
 static int
 exec_module(PyObject *module)
 {
-    if (add_type(module, &ChunkTimes_spec, "ChunkTimes") < 0)
+    if (State_init(module) < 0 || add_type(module, &ChunkTimes_spec, "ChunkTimes") < 0 ||
+        add_type(module, &Switch_spec, "Switch") < 0)
         return -1;
-    return add_type(module, &Switch_spec, "Switch");
+    return add_type(module, &Forward_spec, "Forward");
 }
 
 static PyMethodDef methods[] = {
@@ -430,9 +782,12 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "relay._speedups",
     .m_doc = "The per-chunk path in C (relay/speedups.py has it in Python too).",
-    .m_size = 0,
+    .m_size = sizeof(State),
     .m_methods = methods,
     .m_slots = slots,
+    .m_traverse = State_traverse,
+    .m_clear = State_clear,
+    .m_free = State_free,
 };
 
 PyMODINIT_FUNC

@@ -1,5 +1,7 @@
-# The compiled twins of relay/speedups.py's plain_event_py, frame_py, ChunkTimesPy and SwitchPy.
+# The compiled twins of relay/speedups.py's plain_event_py, frame_py, ChunkTimesPy, SwitchPy
+# and ForwardPy.
 from collections.abc import Callable, Sequence
+from typing import Any
 
 def plain_event(chunk: bytes, /) -> int: ...
 def frame(chunk: bytes, /) -> bytes: ...
@@ -15,3 +17,31 @@ class Switch:
     target: Callable[..., object]
     def __init__(self, target: Callable[..., object], /) -> None: ...
     def __call__(self, *args: object) -> object: ...
+
+class Forward:
+    head: bytes
+    @property
+    def transport(self) -> Any: ...
+    @property
+    def protocol(self) -> Any: ...
+    @property
+    def upstream(self) -> Any: ...
+    @property
+    def chunked(self) -> bool: ...
+    @property
+    def small(self) -> int: ...
+    def __init__(
+        self,
+        transport: Any,
+        protocol: Any,
+        upstream: Any,
+        exchange: Any,
+        record: Callable[[float, float], object],
+        watchdog: Any,
+        tap: Callable[[bytes], object] | None,
+        gone: Callable[[str], BaseException],
+        head: bytes,
+        chunked: bool,
+        small: int,
+    ) -> None: ...
+    def __call__(self, chunk: bytes, /) -> None: ...

@@ -30,7 +30,7 @@ from relay.exchange import (
     Exchange,
 )
 from relay.metrics import StreamMeters
-from relay.speedups import frame
+from relay.speedups import COMPILED, Forward, frame
 from relay.sse import SseTap
 
 if TYPE_CHECKING:
@@ -121,13 +121,12 @@ class Forwarder:
     Frames a chunk as the response head announced (HTTP/1.1 chunked, or raw under a
     Content-Length, which the upstream's framing already bounds), and pauses the upstream
     when the client's transport says it is full. Per chunk it then records two clock
-    reads, the counters and the tap.
+    reads, the counters and the tap. The per-chunk call is :attr:`sink`, a
+    :class:`~relay.speedups.Forward` (C where built); this class makes it and writes what
+    is not a chunk (the head alone, a heartbeat).
     """
 
-    __slots__ = (
-        "_chunked", "_exchange", "_head", "_protocol", "_record", "_small", "_tap",
-        "_transport", "_upstream", "_watchdog",
-    )  # fmt: skip
+    __slots__ = ("sink",)
 
     SMALL = 4096  # below this a chunk is framed into one buffer; above, written as three
 
@@ -143,73 +142,46 @@ class Forwarder:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ClientGone("the client went away")
-        self._transport = transport
-        self._protocol = request.front
-        self._chunked = request.chunked
-        self._head = request.take_head()  # written with the first chunk, or by flush()
         # Where writelines would not pause the client's protocol, every chunk is framed
         # into one buffer (a copy of the chunk) and written with write(), which does.
         unsafe = _WRITELINES_UNSAFE and not type(transport).__module__.startswith("uvloop")
-        self._small = sys.maxsize if unsafe else self.SMALL
-        self._upstream = upstream
-        self._exchange = exchange
-        self._record = meters.chunk
-        self._watchdog = watchdog
-        self._tap = tap
-
-    def __call__(self, chunk: bytes) -> None:
-        received = time.monotonic()
-        transport = self._transport
-        if transport.is_closing():
-            self._upstream.refuse(chunk, ClientGone("the client went away"))
-            return
-        size = len(chunk)
-        if self._head:
-            self._write_head(chunk)
-        elif not self._chunked:
-            transport.write(chunk)
-        elif size < self._small:
-            transport.write(frame(chunk))
-        else:
-            transport.writelines((b"%x\r\n" % size, chunk, b"\r\n"))
-        written = time.monotonic()
-        if self._protocol.writing_paused:
-            self._upstream.pause()
-        self._watchdog.last = written  # idle time counts only while we wait on the upstream
-        if self._tap is not None:
-            self._tap(chunk)  # after the write: a passive look never delays the client
-        exchange = self._exchange
-        exchange.bytes_out += size
-        exchange.chunks += 1
-        self._record(received, written)
+        self.sink = Forward(
+            transport,
+            request.front,
+            upstream,
+            exchange,
+            meters.chunk,
+            watchdog,
+            tap,
+            ClientGone,
+            request.take_head(),  # written with the first chunk, or by flush()
+            request.chunked,
+            sys.maxsize if unsafe else self.SMALL,
+        )
 
     def flush(self) -> None:
         """Write the response head now if no chunk took it yet (before waiting for one)."""
-        if self._head and not self._transport.is_closing():
-            self._write_head(b"")
-
-    def _write_head(self, chunk: bytes) -> None:
-        """The response head, and the first chunk framed after it, in one write."""
-        head, self._head = self._head, b""
-        if chunk and self._chunked:
-            chunk = frame(chunk)
-        self._transport.write(head + chunk)
+        sink = self.sink
+        if sink.head and not sink.transport.is_closing():
+            head, sink.head = sink.head, b""
+            sink.transport.write(head)
 
     def write(self, data: bytes) -> bool:
         """Frame and write ``data`` (not a body chunk: a heartbeat); False if the client is
-        gone. The per-chunk path in ``__call__`` inlines this: a call costs what it saves."""
-        transport = self._transport
+        gone."""
+        sink = self.sink
+        transport = sink.transport
         if transport.is_closing():
             return False
         self.flush()
-        if not self._chunked:
+        if not sink.chunked:
             transport.write(data)
-        elif len(data) < self._small:
+        elif len(data) < sink.small:
             transport.write(frame(data))
         else:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-        if self._protocol.writing_paused:
-            self._upstream.pause()
+        if sink.protocol.writing_paused:
+            sink.upstream.pause()
         return True
 
 
@@ -220,9 +192,9 @@ async def pump(upstream: Connection, forward: Forwarder, request: Request) -> No
     to drain whenever the forwarder found it full. Raises the upstream's failure, or
     :class:`ClientGone`; the caller classifies it.
     """
-    # The bound method, not the object: a method object is called by vectorcall, an object
-    # with __call__ through a slower generic path (1.4k of 23k instructions per event).
-    upstream.attach(forward.__call__)  # the chunks that came with the response head go out now
+    # The chunks that came with the response head go out now. A compiled sink is called by
+    # vectorcall; the Python twin through its bound method, the fastest way to call it.
+    upstream.attach(forward.sink if COMPILED else forward.sink.__call__)
     forward.flush()
     while not await upstream.wait():
         await request.front.drain()  # the client reads again (or is gone: this raises)

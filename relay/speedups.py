@@ -1,11 +1,12 @@
-"""The per-chunk path's byte scans, its metrics' binning and its body callback, compiled
-when the install could build them.
+"""The per-chunk path's byte scans, its metrics' binning, its body callback and its sink,
+compiled when the install could build them.
 
 The relay's user-space CPU per relayed event is mostly the Python run for each upstream
 chunk. Of the 21.5k instructions an event cost, two scans of the chunk were some 9k
 (framing it for the client, and the SSE tap's look at it) and binning its times for the
 metrics about 2.5k; the Python method through which llhttp handed each chunk to its sink
-was another 0.4k. Each is now one C call into ``relay._speedups``, built from
+was another 0.4k, and the sink's own Python frame (write, clock reads, counters) about
+2k. Each is now one C call into ``relay._speedups``, built from
 ``relay/_speedups.c`` by ``pip install`` given a C compiler; the Python versions here run
 where it could not be built. The two give the same results for every input
 (``tests/test_speedups.py``); ``COMPILED`` says which one runs, and so does the start-up
@@ -15,8 +16,10 @@ log record.
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from typing import Any
 
 # The byte strings every terminal event carries (relay/sse.py); _speedups.c has them too.
 MARKERS = (b"[DONE]", b'"complete"', b'"error"', b"base_resp")
@@ -122,8 +125,73 @@ class SwitchPy:
         return self.target(*args)
 
 
+class ForwardPy:
+    """The sink of a streaming response: writes each body chunk to the client, then records
+    it (``relay.pump.Forwarder`` makes one, and documents the whole path).
+
+    A call takes the read time, writes the chunk to ``transport`` (with ``head`` before the
+    first one, and framed when ``chunked``: into one buffer under ``small`` bytes, as three
+    pieces above), takes the write time, pauses ``upstream`` when ``protocol`` says the
+    client is full, stores the write time as the ``watchdog``'s last progress, shows the
+    chunk to ``tap`` (or None), adds to the ``exchange``'s byte and chunk counts and gives
+    both times to ``record``. A client already gone gets nothing: the chunk goes back to
+    ``upstream.refuse`` with the error ``gone("the client went away")``.
+    """
+
+    __slots__ = (
+        "chunked", "exchange", "gone", "head", "protocol", "record", "small", "tap",
+        "transport", "upstream", "watchdog",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        transport: Any,
+        protocol: Any,
+        upstream: Any,
+        exchange: Any,
+        record: Callable[[float, float], object],
+        watchdog: Any,
+        tap: Callable[[bytes], object] | None,
+        gone: Callable[[str], BaseException],
+        head: bytes,
+        chunked: bool,
+        small: int,
+    ) -> None:
+        self.transport, self.protocol, self.upstream = transport, protocol, upstream
+        self.exchange, self.record, self.watchdog, self.tap = exchange, record, watchdog, tap
+        self.gone, self.head, self.chunked, self.small = gone, head, bool(chunked), small
+
+    def __call__(self, chunk: bytes) -> None:
+        received = time.monotonic()
+        transport = self.transport
+        if transport.is_closing():
+            self.upstream.refuse(chunk, self.gone("the client went away"))
+            return
+        size = len(chunk)
+        if self.head:
+            head, self.head = self.head, b""
+            transport.write(head + (frame(chunk) if size and self.chunked else chunk))
+        elif not self.chunked:
+            transport.write(chunk)
+        elif size < self.small:
+            transport.write(frame(chunk))
+        else:
+            transport.writelines((b"%x\r\n" % size, chunk, b"\r\n"))
+        written = time.monotonic()
+        if self.protocol.writing_paused:
+            self.upstream.pause()
+        self.watchdog.last = written  # idle time counts only while we wait on the upstream
+        if self.tap is not None:
+            self.tap(chunk)  # after the write: a passive look never delays the client
+        exchange = self.exchange
+        exchange.bytes_out += size
+        exchange.chunks += 1
+        self.record(received, written)
+
+
 try:
     from relay._speedups import ChunkTimes as ChunkTimes
+    from relay._speedups import Forward as Forward
     from relay._speedups import Switch as Switch
     from relay._speedups import frame as frame
     from relay._speedups import plain_event as plain_event
@@ -132,6 +200,7 @@ except ImportError:  # installed without a C compiler: the same, in Python
     frame, plain_event = frame_py, plain_event_py
     # mypy checks against the stub's classes; the twins have their interfaces (tested).
     ChunkTimes = ChunkTimesPy  # type: ignore[assignment,misc]
+    Forward = ForwardPy  # type: ignore[assignment,misc]
     Switch = SwitchPy  # type: ignore[assignment,misc]
 else:
     COMPILED = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import time
 import weakref
 from collections.abc import Callable
 
@@ -13,7 +14,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relay import speedups
-from relay.speedups import MARKERS, ChunkTimesPy, SwitchPy, frame_py, plain_event_py
+from relay.speedups import (
+    MARKERS,
+    ChunkTimesPy,
+    ForwardPy,
+    SwitchPy,
+    frame_py,
+    plain_event_py,
+)
 
 if speedups.COMPILED:
     from relay import _speedups
@@ -190,3 +198,184 @@ def test_the_relay_uses_the_compiled_versions() -> None:
     assert speedups.plain_event is _speedups.plain_event
     assert speedups.ChunkTimes is _speedups.ChunkTimes
     assert speedups.Switch is _speedups.Switch
+    assert speedups.Forward is _speedups.Forward
+
+
+class _Transport:
+    """What a Forward writes to: records each write; closing and failing on demand."""
+
+    def __init__(self) -> None:
+        self.writes: list[object] = []
+        self.closing = False
+        self.fails = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes) -> None:
+        if self.fails:
+            raise ConnectionResetError("gone mid-write")
+        self.writes.append(data)
+
+    def writelines(self, pieces: tuple[bytes, ...]) -> None:
+        self.writes.append(tuple(pieces))
+
+
+class _Upstream:
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def pause(self) -> None:
+        self.calls.append(("pause",))
+
+    def refuse(self, chunk: bytes, exc: BaseException) -> None:
+        self.calls.append(("refuse", chunk, type(exc), str(exc)))
+
+
+class _Protocol:
+    writing_paused = False
+
+
+class _Exchange:
+    bytes_out = 0
+    chunks = 0
+
+
+class _Watchdog:
+    last = 0.0
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _Gone(ConnectionResetError):
+    pass
+
+
+@pytest.fixture(params=["compiled", "python"])
+def forward_class(request: pytest.FixtureRequest) -> Callable[..., ForwardPy]:
+    return _speedups.Forward if request.param == "compiled" else ForwardPy  # type: ignore[return-value]
+
+
+def _forward(
+    forward_class: Callable[..., ForwardPy], *, head: bytes, chunked: bool, tapped: bool = True
+) -> tuple[ForwardPy, _Transport, _Upstream, _Exchange, list[tuple[float, float]], list[bytes]]:
+    """A forward (its `small` is 8 bytes) and what it writes, calls, counts, times and shows."""
+    transport, upstream, exchange = _Transport(), _Upstream(), _Exchange()
+    times: list[tuple[float, float]] = []
+    seen: list[bytes] = []
+    forward = forward_class(
+        transport, _Protocol(), upstream, exchange, lambda r, w: times.append((r, w)),
+        _WATCHDOG, seen.append if tapped else None, _Gone, head, chunked, 8,
+    )  # fmt: skip
+    return forward, transport, upstream, exchange, times, seen
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "length"])
+def test_a_forward_writes_each_chunk_then_records_it(
+    forward_class: Callable[..., ForwardPy], chunked: bool
+) -> None:
+    """The head goes out with the first chunk; chunks are framed as the response is (one
+    buffer below `small`, three pieces from it); each is shown to the tap, counted, and
+    timed on time.monotonic()'s clock, the write time also being the watchdog's."""
+    forward, transport, upstream, exchange, times, seen = _forward(
+        forward_class, head=b"HEAD\r\n\r\n", chunked=chunked
+    )
+    before = time.monotonic()
+    for chunk in (b"first", b"small", b"large chunk"):
+        assert forward(chunk) is None
+    after = time.monotonic()
+    if chunked:
+        assert transport.writes == [
+            b"HEAD\r\n\r\n5\r\nfirst\r\n", b"5\r\nsmall\r\n", (b"b\r\n", b"large chunk", b"\r\n")
+        ]  # fmt: skip
+    else:
+        assert transport.writes == [b"HEAD\r\n\r\nfirst", b"small", b"large chunk"]
+    assert forward.head == b""
+    assert seen == [b"first", b"small", b"large chunk"]
+    assert (exchange.bytes_out, exchange.chunks) == (21, 3)
+    assert len(times) == 3
+    assert all(before <= received <= written <= after for received, written in times)
+    assert _WATCHDOG.last == times[-1][1]
+    assert upstream.calls == []
+
+
+def test_a_forward_with_no_tap_and_an_empty_first_chunk(
+    forward_class: Callable[..., ForwardPy],
+) -> None:
+    """An empty chunk is never framed (its frame would end the body); with no tap, the
+    rest of the path runs as usual."""
+    forward, transport, _, exchange, times, _ = _forward(
+        forward_class, head=b"H", chunked=True, tapped=False
+    )
+    forward(b"")
+    forward(b"x")
+    assert transport.writes == [b"H", b"1\r\nx\r\n"]
+    assert (exchange.bytes_out, exchange.chunks, len(times)) == (1, 2, 2)
+
+
+def test_a_forward_pauses_the_upstream_when_the_client_is_full(
+    forward_class: Callable[..., ForwardPy],
+) -> None:
+    forward, transport, upstream, _, _, _ = _forward(forward_class, head=b"", chunked=False)
+    forward(b"a")
+    forward.protocol.writing_paused = True
+    forward(b"b")
+    assert transport.writes == [b"a", b"b"]
+    assert upstream.calls == [("pause",)]
+
+
+def test_a_forward_refuses_a_chunk_once_the_client_is_gone(
+    forward_class: Callable[..., ForwardPy],
+) -> None:
+    """Nothing is written, shown, counted or timed: the chunk goes back to the upstream
+    with the error the forward was given."""
+    forward, transport, upstream, exchange, times, seen = _forward(
+        forward_class, head=b"H", chunked=True
+    )
+    transport.closing = True
+    forward(b"data: 1\n\n")
+    assert upstream.calls == [("refuse", b"data: 1\n\n", _Gone, "the client went away")]
+    assert transport.writes == seen == times == []
+    assert (exchange.bytes_out, exchange.chunks, forward.head) == (0, 0, b"H")
+
+
+def test_a_forward_raises_what_its_write_raises(forward_class: Callable[..., ForwardPy]) -> None:
+    forward, transport, _, exchange, times, seen = _forward(forward_class, head=b"", chunked=True)
+    transport.fails = True
+    with pytest.raises(ConnectionResetError, match="gone mid-write"):
+        forward(b"x")
+    assert seen == times == []
+    assert exchange.chunks == 0
+
+
+def test_the_compiled_forward_takes_only_bytes_and_a_bytes_head() -> None:
+    forward, *_ = _forward(_speedups.Forward, head=b"", chunked=True)  # type: ignore[arg-type]
+    for wrong in ("x", bytearray(b"x"), None):
+        with pytest.raises(TypeError):
+            forward(wrong)
+    with pytest.raises(TypeError):
+        forward(b"x", b"y")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        forward.head = "HEAD"  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        _speedups.Forward(*[None] * 8, "HEAD", True, 8)  # type: ignore[arg-type]
+
+
+def test_a_cycle_through_a_forward_is_collected() -> None:
+    """An upstream that holds its forward, which holds it back, is found and freed by the
+    collector (the relay breaks the cycle itself when the exchange ends)."""
+
+    class Upstream:
+        sink: object = None
+
+    upstream = Upstream()
+    upstream.sink = _speedups.Forward(
+        _Transport(), _Protocol(), upstream, _Exchange(), print, _Watchdog(), None, _Gone,
+        b"", True, 8,
+    )  # fmt: skip
+    gone = weakref.ref(upstream)
+    del upstream
+    assert gone() is not None
+    gc.collect()
+    assert gone() is None

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import pump
+from relay.speedups import ForwardPy
 from relay.state import STATE
 from tests.conftest import (
     SSE,
@@ -33,6 +34,14 @@ STREAM = "/api/v3/wavespeed-ai/any-llm/stream"
 SPEECH = "/api/v3/minimax/speech-02-hd/stream"
 
 
+@pytest.fixture(params=["compiled", "python"])
+def sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream's sink as built (C where it was), or its Python twin (no C compiler)."""
+    if request.param == "python":
+        monkeypatch.setattr(pump, "Forward", ForwardPy)
+        monkeypatch.setattr(pump, "COMPILED", False)
+
+
 @pytest.mark.parametrize(
     ("content_type", "make_chunk"),
     [
@@ -41,6 +50,7 @@ SPEECH = "/api/v3/minimax/speech-02-hd/stream"
     ],
     ids=["sse", "binary"],
 )
+@pytest.mark.usefixtures("sink")
 async def test_lockstep_each_chunk_arrives_before_the_next_exists(
     upstream: FakeUpstream, relay: Relay, content_type, make_chunk
 ) -> None:
@@ -129,6 +139,7 @@ async def test_content_length_and_encoding_pass_through(
     assert await read_all(response) == body
 
 
+@pytest.mark.usefixtures("sink")
 async def test_a_slow_client_pauses_the_upstream_and_memory_stays_bounded(
     upstream: FakeUpstream, relay: Relay
 ) -> None:
@@ -326,6 +337,7 @@ async def test_streams_past_the_maximum_duration_are_cut(
 
 
 @pytest.mark.parametrize("ending", ["completed", "client_left", "upstream_cut"])
+@pytest.mark.usefixtures("sink")
 async def test_a_finished_stream_leaves_no_cycles_for_the_collector(
     upstream: FakeUpstream, relay: Relay, ending: str
 ) -> None:
