@@ -1,5 +1,6 @@
 /* relay._speedups: the per-chunk path's two byte scans, its metrics' binning, the
- * switch that hands each body chunk to its sink, and that sink, in C.
+ * switch that hands each body chunk to its sink, that sink, and the SSE tap's fast path,
+ * in C.
  *
  * Each replaces a pure-Python function or class of relay/speedups.py, which documents
  * them, is used when this module was not built (no C compiler), and is the reference the
@@ -11,7 +12,8 @@
  * object: its add() is the only per-chunk call the metrics make. Switch calls whatever
  * sink is attached to an upstream connection, in place of a Python method that would, and
  * Forward is the sink of a streaming response: it writes each chunk to the client, then
- * records it, with no Python frame.
+ * records it, with no Python frame; Events, the base of the SSE tap, counts the usual
+ * chunk's event, and Forward calls it directly.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -53,6 +55,34 @@ contains(const char *s, size_t size, const char *needle, size_t anchor)
     return 0;
 }
 
+/* How `chunk` settles as the usual SSE chunk: 1, 0 or -1, see relay/speedups.py's
+ * plain_event_py. */
+static int
+plain_event_kind(PyObject *chunk)
+{
+    const char *s = PyBytes_AS_STRING(chunk);
+    Py_ssize_t signed_end = PyBytes_GET_SIZE(chunk) - 2; /* where the one blank line is */
+    if (signed_end < 0 || s[signed_end] != '\n' || s[signed_end + 1] != '\n')
+        return -1;
+    size_t end = (size_t)signed_end;
+    if (memchr(s, '\r', end) != NULL) /* CR line ends: any CR may end a line */
+        return -1;
+    for (size_t i = 0; i < sizeof MARKERS / sizeof MARKERS[0]; i++) {
+        if (contains(s, end, MARKERS[i].text, MARKERS[i].anchor))
+            return -1;
+    }
+    /* Each line end before the blank one: another blank line (two events), or a data field. */
+    int dispatches = end >= 4 && memcmp(s, "data", 4) == 0;
+    for (const char *p = s; (p = memchr(p, '\n', end - (size_t)(p - s))) != NULL; p++) {
+        size_t next = (size_t)(p - s) + 1;
+        if (s[next] == '\n') /* next <= end: s[end] is the blank line's first LF */
+            return -1;
+        if (end - next >= 4 && memcmp(s + next, "data", 4) == 0)
+            dispatches = 1;
+    }
+    return dispatches;
+}
+
 /* plain_event(chunk) -> 1, 0 or -1: see relay/speedups.py. */
 static PyObject *
 plain_event(PyObject *module, PyObject *chunk)
@@ -61,27 +91,7 @@ plain_event(PyObject *module, PyObject *chunk)
         PyErr_SetString(PyExc_TypeError, "plain_event() takes bytes");
         return NULL;
     }
-    const char *s = PyBytes_AS_STRING(chunk);
-    Py_ssize_t signed_end = PyBytes_GET_SIZE(chunk) - 2; /* where the one blank line is */
-    if (signed_end < 0 || s[signed_end] != '\n' || s[signed_end + 1] != '\n')
-        return PyLong_FromLong(-1);
-    size_t end = (size_t)signed_end;
-    if (memchr(s, '\r', end) != NULL) /* CR line ends: any CR may end a line */
-        return PyLong_FromLong(-1);
-    for (size_t i = 0; i < sizeof MARKERS / sizeof MARKERS[0]; i++) {
-        if (contains(s, end, MARKERS[i].text, MARKERS[i].anchor))
-            return PyLong_FromLong(-1);
-    }
-    /* Each line end before the blank one: another blank line (two events), or a data field. */
-    int dispatches = end >= 4 && memcmp(s, "data", 4) == 0;
-    for (const char *p = s; (p = memchr(p, '\n', end - (size_t)(p - s))) != NULL; p++) {
-        size_t next = (size_t)(p - s) + 1;
-        if (s[next] == '\n') /* next <= end: s[end] is the blank line's first LF */
-            return PyLong_FromLong(-1);
-        if (end - next >= 4 && memcmp(s + next, "data", 4) == 0)
-            dispatches = 1;
-    }
-    return PyLong_FromLong(dispatches);
+    return PyLong_FromLong(plain_event_kind(chunk));
 }
 
 /* `prefix` (may be empty), then `chunk` in HTTP/1.1 chunked framing if `chunked` (its size
@@ -420,13 +430,48 @@ static PyType_Spec Switch_spec = {
  * module's state. */
 typedef struct {
     PyObject *is_closing, *write, *writelines, *refuse, *pause, *writing_paused, *last,
-        *bytes_out, *chunks, *gone_message, *crlf, *empty;
+        *bytes_out, *chunks, *gone_message, *general, *crlf, *empty, *events_type;
 } State;
+
+static struct PyModuleDef module;
+
+/* The module's state, from a type of the module or a subclass of one (relay/sse.py's). */
+static State *
+state_of(PyTypeObject *type)
+{
+    PyObject *owner = PyType_GetModuleByDef(type, &module);
+    return owner == NULL ? NULL : PyModule_GetState(owner);
+}
+
+/* Events: the fast path of the SSE tap (relay/sse.py's SseTap is its subclass); see
+ * relay/speedups.py's EventsPy. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *pending; /* bytes: an unfinished event, kept by the subclass's general path */
+    Py_ssize_t events;
+    vectorcallfunc vectorcall;
+} Events;
+
+/* One chunk, after it was written: the usual one (a whole plain event, nothing pending)
+ * settled here, any other by the subclass's _general(). */
+static PyObject *
+Events_tap(Events *self, State *st, PyObject *chunk)
+{
+    if (PyBytes_GET_SIZE(self->pending) == 0) {
+        int kind = plain_event_kind(chunk);
+        if (kind >= 0) {
+            self->events += kind;
+            Py_RETURN_NONE;
+        }
+    }
+    return PyObject_CallMethodOneArg((PyObject *)self, st->general, chunk);
+}
 
 typedef struct {
     PyObject_HEAD
     PyObject *transport, *protocol, *upstream, *exchange, *record, *watchdog, *tap, *gone;
     PyObject *head; /* bytes: the response head, until the first write takes it */
+    int events;     /* the tap is an Events: settled without a call through Python */
     Py_ssize_t small; /* a chunked chunk under this many bytes is framed into one write */
     char chunked;     /* the response is chunked: frame each chunk */
     vectorcallfunc vectorcall;
@@ -554,7 +599,8 @@ Forward_call(Forward *self, PyObject *const *args, size_t nargsf, PyObject *kwna
     if (PyObject_SetAttr(self->watchdog, st->last, written) < 0)
         goto failed;
     if (self->tap != Py_None) { /* after the write: a passive look never delays the client */
-        result = PyObject_CallOneArg(self->tap, chunk);
+        result = self->events ? Events_tap((Events *)self->tap, st, chunk)
+                              : PyObject_CallOneArg(self->tap, chunk);
         if (result == NULL)
             goto failed;
         Py_DECREF(result);
@@ -596,6 +642,8 @@ Forward_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->record = Py_NewRef(record);
     self->watchdog = Py_NewRef(watchdog);
     self->tap = Py_NewRef(tap);
+    State *st = PyType_GetModuleState(type);
+    self->events = PyObject_TypeCheck(tap, (PyTypeObject *)st->events_type);
     self->gone = Py_NewRef(gone);
     self->head = Py_NewRef(head);
     self->chunked = (char)chunked;
@@ -697,6 +745,86 @@ static PyType_Spec Forward_spec = {
     .slots = Forward_slots,
 };
 
+static PyObject *
+Events_call(Events *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "an event tap takes one chunk of bytes");
+        return NULL;
+    }
+    State *st = state_of(Py_TYPE(self));
+    return st == NULL ? NULL : Events_tap(self, st, args[0]);
+}
+
+static PyObject *
+Events_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    State *st = state_of(type);
+    if (st == NULL)
+        return NULL;
+    Events *self = (Events *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->pending = Py_NewRef(st->empty);
+    self->vectorcall = (vectorcallfunc)Events_call;
+    return (PyObject *)self;
+}
+
+static void
+Events_dealloc(Events *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    Py_CLEAR(self->pending);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyObject *
+Events_get_pending(Events *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->pending);
+}
+
+static int
+Events_set_pending(Events *self, PyObject *pending, void *Py_UNUSED(closure))
+{
+    if (pending == NULL || !PyBytes_CheckExact(pending)) {
+        PyErr_SetString(PyExc_TypeError, "an event tap's pending part is bytes");
+        return -1;
+    }
+    Py_SETREF(self->pending, Py_NewRef(pending));
+    return 0;
+}
+
+static PyGetSetDef Events_getset[] = {
+    {"_pending", (getter)Events_get_pending, (setter)Events_set_pending,
+     "An unfinished event (b\"\" at an event boundary).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Events_members[] = {
+    {"events", Py_T_PYSSIZET, offsetof(Events, events), 0, "Events dispatched so far."},
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(Events, vectorcall), Py_READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Events_slots[] = {
+    {Py_tp_new, Events_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_dealloc, Events_dealloc},
+    {Py_tp_getset, Events_getset},
+    {Py_tp_members, Events_members},
+    {Py_tp_doc, "The SSE tap's fast path: see relay.speedups.EventsPy."},
+    {0, NULL},
+};
+
+static PyType_Spec Events_spec = {
+    .name = "relay._speedups.Events",
+    .basicsize = sizeof(Events),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_VECTORCALL,
+    .slots = Events_slots,
+};
+
 static int
 State_traverse(PyObject *module, visitproc visit, void *arg)
 {
@@ -733,7 +861,7 @@ State_init(PyObject *module)
     State *st = PyModule_GetState(module);
     static const char *const names[] = {
         "is_closing", "write", "writelines", "refuse", "pause", "writing_paused", "last",
-        "bytes_out", "chunks", "the client went away"};
+        "bytes_out", "chunks", "the client went away", "_general"};
     PyObject **slots = (PyObject **)st;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if ((slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
@@ -759,9 +887,13 @@ static int
 exec_module(PyObject *module)
 {
     if (State_init(module) < 0 || add_type(module, &ChunkTimes_spec, "ChunkTimes") < 0 ||
-        add_type(module, &Switch_spec, "Switch") < 0)
+        add_type(module, &Switch_spec, "Switch") < 0 || add_type(module, &Forward_spec, "Forward") < 0)
         return -1;
-    return add_type(module, &Forward_spec, "Forward");
+    State *st = PyModule_GetState(module);
+    st->events_type = PyType_FromModuleAndSpec(module, &Events_spec, NULL);
+    if (st->events_type == NULL)
+        return -1;
+    return PyModule_AddObjectRef(module, "Events", st->events_type);
 }
 
 static PyMethodDef methods[] = {

@@ -1,5 +1,5 @@
-# The compiled twins of relay/speedups.py's plain_event_py, frame_py, ChunkTimesPy, SwitchPy
-# and ForwardPy.
+# The compiled twins of relay/speedups.py's plain_event_py, frame_py, ChunkTimesPy, SwitchPy,
+# EventsPy and ForwardPy.
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,3 +45,9 @@ class Forward:
         small: int,
     ) -> None: ...
     def __call__(self, chunk: bytes, /) -> None: ...
+
+class Events:
+    _pending: bytes
+    events: int
+    def __call__(self, chunk: bytes, /) -> None: ...
+    def _general(self, chunk: bytes) -> None: ...

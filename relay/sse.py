@@ -18,8 +18,9 @@ ended cleanly.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from relay.speedups import marked, plain_event
+from relay.speedups import Events, marked
 
 NONE = "none"
 
@@ -46,27 +47,23 @@ def classify(event: bytes) -> str | None:
     return None
 
 
-class SseTap:
-    """Called with every chunk of one event stream, after the chunk has been forwarded."""
+class _Tap:
+    """What the tap does beyond its fast path: see :class:`SseTap`."""
 
-    __slots__ = ("_pending", "events", "terminal")
+    if not TYPE_CHECKING:  # no instance dict; mypy reads the attributes below instead
+        __slots__ = ()
+    _pending: bytes  # the fast path's (relay.speedups.Events)
+    events: int
+    terminal: str  # SseTap's
 
     def __init__(self) -> None:
-        self._pending = b""
-        self.events = 0
+        super().__init__()
         self.terminal = NONE
 
     @property
     def at_boundary(self) -> bool:
         """Whether everything forwarded so far ends on an event boundary."""
         return not self._pending
-
-    def __call__(self, chunk: bytes) -> None:
-        # The usual chunk is one whole plain event: settled by one scan (relay/speedups.py).
-        if not self._pending and (kind := plain_event(chunk)) >= 0:
-            self.events += kind
-            return
-        self._general(chunk)
 
     def _general(self, chunk: bytes) -> None:
         """Any chunk: CR line ends, several events, a part of one, terminal markers."""
@@ -91,3 +88,14 @@ class SseTap:
 def _bounded(rest: bytes) -> bytes:
     """What is kept of an unfinished event: all of it, or its head and tail."""
     return rest[:HEAD] + rest[-TAIL:] if len(rest) > HEAD + TAIL else rest
+
+
+class SseTap(_Tap, Events):
+    """Called with every chunk of one event stream, after the chunk has been forwarded.
+
+    The usual chunk, one whole plain event, is counted by :class:`~relay.speedups.Events`
+    (in C where built; the relay's sink then calls it with no Python frame); every other
+    chunk comes to :meth:`_general`.
+    """
+
+    __slots__ = ("terminal",)

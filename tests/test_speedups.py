@@ -8,6 +8,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import example, given
@@ -17,6 +18,7 @@ from relay import speedups
 from relay.speedups import (
     MARKERS,
     ChunkTimesPy,
+    EventsPy,
     ForwardPy,
     SwitchPy,
     frame_py,
@@ -199,6 +201,7 @@ def test_the_relay_uses_the_compiled_versions() -> None:
     assert speedups.ChunkTimes is _speedups.ChunkTimes
     assert speedups.Switch is _speedups.Switch
     assert speedups.Forward is _speedups.Forward
+    assert speedups.Events is _speedups.Events
 
 
 class _Transport:
@@ -379,3 +382,58 @@ def test_a_cycle_through_a_forward_is_collected() -> None:
     assert gone() is not None
     gc.collect()
     assert gone() is None
+
+
+@pytest.fixture(params=["compiled", "python"])
+def events_class(request: pytest.FixtureRequest) -> type[EventsPy]:
+    return _speedups.Events if request.param == "compiled" else EventsPy  # type: ignore[return-value]
+
+
+def test_a_forward_counts_the_usual_event_on_its_tap(
+    forward_class: Callable[..., ForwardPy], events_class: type[EventsPy]
+) -> None:
+    """Written first, then settled: a whole plain event is counted by the tap's fast path
+    (compiled, the forward calls it with no call through Python); any other chunk, and
+    every chunk while an event is unfinished, goes to the subclass's general path."""
+    tap_base: Any = events_class
+
+    class Tap(tap_base):  # type: ignore[misc]
+        __slots__ = ("general",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.general: list[bytes] = []
+
+        def _general(self, chunk: bytes) -> None:
+            self.general.append(chunk)
+            self._pending = chunk if chunk.endswith(b"part") else b""
+
+    tap = Tap()
+    transport = _Transport()
+    forward = forward_class(
+        transport, _Protocol(), _Upstream(), _Exchange(), lambda r, w: None, _WATCHDOG, tap,
+        _Gone, b"", False, 8,
+    )  # fmt: skip
+    chunks = [
+        b"data: 1\n\n", b": comment\n\n", b"data: [DONE]\n\n", b"data: 2\n\ndata: 3\n\n",
+        b"data: a part", b"data: 4\n\n", b"data: 5\n\n",
+    ]  # fmt: skip
+    for chunk in chunks:
+        forward(chunk)
+    assert transport.writes == chunks
+    assert tap.events == 2  # "data: 1" and "data: 5"; the comment dispatches nothing
+    assert tap.general == [b"data: [DONE]\n\n", b"data: 2\n\ndata: 3\n\n", b"data: a part",
+                           b"data: 4\n\n"]  # fmt: skip
+
+
+def test_the_compiled_event_tap_keeps_bytes_and_needs_its_general_path() -> None:
+    tap = _speedups.Events()
+    assert (tap._pending, tap.events) == (b"", 0)
+    tap(b"data: 1\n\n")
+    assert tap.events == 1
+    with pytest.raises(AttributeError, match="_general"):
+        tap(b"data: [DONE]\n\n")
+    with pytest.raises(TypeError):
+        tap._pending = "x"  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        tap("data: 1\n\n")  # type: ignore[arg-type]

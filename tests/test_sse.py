@@ -9,18 +9,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import relay.sse
-from relay.speedups import plain_event_py
+import relay.speedups
+from relay import sse
+from relay.speedups import EventsPy, plain_event_py
 from relay.sse import HEAD, TAIL, SseTap, classify
+
+
+class SseTapPy(sse._Tap, EventsPy):
+    """The tap on its pure-Python fast path (the relay's, where no C compiler was found)."""
+
+    __slots__ = ("terminal",)
 
 
 @pytest.fixture(scope="module", autouse=True, params=["as installed", "pure Python"])
 def _scans(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test here runs with the tap's look as installed (compiled, where it was
-    built) and again with the pure-Python one."""
+    """Every test here runs with the tap as installed (its fast path compiled, where it
+    was built) and again with the pure-Python one."""
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "pure Python":
-            patch.setattr(relay.sse, "plain_event", plain_event_py)
+            patch.setattr(relay.speedups, "plain_event", plain_event_py)
+            patch.setitem(globals(), "SseTap", SseTapPy)
         yield
 
 
