@@ -314,13 +314,30 @@ static PyType_Spec ChunkTimes_spec = {
 };
 
 /* Switch: a callable that passes its arguments on to its current ``target``, so that a
- * caller which looked up its callback once (llhttp's body callback, in httptools) reaches
- * whichever sink is attached now without a Python frame in between. */
+ * caller which looked up its callback once (llhttp's body callback, in httptools; uvloop's
+ * data_received) reaches whichever callable is attached now without a Python frame in
+ * between. An ``on_error`` other than None is called with what the target raised (an
+ * Exception, not a BaseException), and its result is the call's. */
 typedef struct {
     PyObject_HEAD
     PyObject *target;
+    PyObject *on_error;
     vectorcallfunc vectorcall;
 } Switch;
+
+/* The raised exception, normalised with its traceback (PyErr_GetRaisedException on 3.12). */
+static PyObject *
+take_exception(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
 
 static PyObject *
 Switch_call(Switch *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -333,6 +350,16 @@ Switch_call(Switch *self, PyObject *const *args, size_t nargsf, PyObject *kwname
     PyObject *target = Py_NewRef(self->target);
     PyObject *result = PyObject_Vectorcall(target, args, nargsf, kwnames);
     Py_DECREF(target);
+    if (result != NULL || self->on_error == NULL || self->on_error == Py_None ||
+        !PyErr_ExceptionMatches(PyExc_Exception))
+        return result;
+    PyObject *exc = take_exception();
+    if (exc == NULL)
+        return NULL;
+    PyObject *on_error = Py_NewRef(self->on_error);
+    result = PyObject_CallOneArg(on_error, exc);
+    Py_DECREF(on_error);
+    Py_DECREF(exc);
     return result;
 }
 
@@ -348,6 +375,7 @@ Switch_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL)
         return NULL;
     self->target = Py_NewRef(target);
+    self->on_error = Py_NewRef(Py_None);
     self->vectorcall = (vectorcallfunc)Switch_call;
     return (PyObject *)self;
 }
@@ -369,10 +397,24 @@ Switch_get_target(Switch *self, void *Py_UNUSED(closure))
     return Py_NewRef(self->target != NULL ? self->target : Py_None);
 }
 
+static PyObject *
+Switch_get_on_error(Switch *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->on_error != NULL ? self->on_error : Py_None);
+}
+
+static int
+Switch_set_on_error(Switch *self, PyObject *on_error, void *Py_UNUSED(closure))
+{
+    Py_XSETREF(self->on_error, Py_NewRef(on_error != NULL ? on_error : Py_None));
+    return 0;
+}
+
 static int
 Switch_traverse(Switch *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->target);
+    Py_VISIT(self->on_error);
     Py_VISIT(Py_TYPE(self));
     return 0;
 }
@@ -381,6 +423,7 @@ static int
 Switch_clear(Switch *self)
 {
     Py_CLEAR(self->target);
+    Py_CLEAR(self->on_error);
     return 0;
 }
 
@@ -397,6 +440,8 @@ Switch_dealloc(Switch *self)
 static PyGetSetDef Switch_getset[] = {
     {"target", (getter)Switch_get_target, (setter)Switch_set_target, "What a call reaches.",
      NULL},
+    {"on_error", (getter)Switch_get_on_error, (setter)Switch_set_on_error,
+     "Called with what the target raises, or None.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -15,6 +15,7 @@ class ChunkTimes:
 
 class Switch:
     target: Callable[..., object]
+    on_error: Callable[[Exception], object] | None
     def __init__(self, target: Callable[..., object], /) -> None: ...
     def __call__(self, *args: object) -> object: ...
 

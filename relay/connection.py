@@ -58,9 +58,11 @@ class Connection(asyncio.Protocol):
         "_complete", "_error", "_head_bytes", "_held", "_held_bytes", "_interrupt",
         "_keep_alive", "_loop", "_needs_drain", "_parser", "_pool", "_raw_headers", "_reason",
         "_sink", "_skipping_informational", "_transport", "_waiter", "_write_waiter",
-        "has_head", "headers", "idle_since", "on_body", "origin", "pooled", "received_any",
-        "status",
+        "data_received", "has_head", "headers", "idle_since", "on_body", "origin", "pooled",
+        "received_any", "status",
     )  # fmt: skip
+
+    data_received: Switch  # type: ignore[assignment]  # asyncio's method, as a switch: see __init__
 
     def __init__(self, pool: Pool, origin: Origin) -> None:
         self._pool = pool
@@ -71,6 +73,10 @@ class Connection(asyncio.Protocol):
         # directly (in C where built), or holds the chunk while none is (see _reset).
         self.on_body = Switch(self._hold)
         self._parser = httptools.HttpResponseParser(self)
+        # uvloop looks up data_received once, when the transport is made: it is a switch,
+        # pointed straight at llhttp while a response body streams in (see _streaming), and
+        # at _data_received, which checks what arrives, otherwise.
+        self.data_received = Switch(self._data_received)
         self._waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
@@ -93,6 +99,7 @@ class Connection(asyncio.Protocol):
         self._interrupt: BaseException | None = None
         self._sink: Sink | None = None
         self.on_body.target = self._hold
+        self._checking()
         self._held: list[bytes] = []
         self._held_bytes = 0
 
@@ -204,6 +211,7 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self._sink = None
         self.on_body.target = _closed
+        self._deaf()
         self._held.clear()
         self._error = self._interrupt = None
         if self._transport is not None:
@@ -231,6 +239,7 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
+        self._deaf()
         if self._error is None:
             self._error = exc
         self._keep_alive = False
@@ -249,7 +258,24 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def data_received(self, data: bytes) -> None:
+    def _streaming(self) -> None:
+        """A response body streams in: bytes go straight to llhttp, whose errors alone need
+        handling (each check of :meth:`_data_received` holds until :meth:`_checking`)."""
+        self.data_received.target = self._parser.feed_data
+        self.data_received.on_error = self._feed_failed
+
+    def _checking(self) -> None:
+        """Whatever arrives from now on is checked first (:meth:`_data_received`)."""
+        self.data_received.target = self._data_received
+        self.data_received.on_error = None
+
+    def _deaf(self) -> None:
+        """The connection is closing: what may still arrive is dropped (and the switch lets
+        go of this connection's methods, a cycle)."""
+        self.data_received.target = _closed
+        self.data_received.on_error = None
+
+    def _data_received(self, data: bytes) -> None:
         self.received_any = True
         if self.pooled or self._complete or self._error is not None:  # bytes nobody asked for
             self._fail(UpstreamProtocolError("unexpected bytes from the upstream"))
@@ -261,10 +287,16 @@ class Connection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:  # ours, or a sink's (a bug): keep it
-            self._fail(exc.__context__ or exc)
         except httptools.HttpParserError as exc:
+            self._feed_failed(exc)
+
+    def _feed_failed(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserCallbackError):  # ours, or a sink's (a bug)
+            self._fail(exc.__context__ or exc)
+        elif isinstance(exc, httptools.HttpParserError):
             self._fail(UpstreamProtocolError(f"invalid response ({type(exc).__name__})"))
+        else:
+            raise exc
 
     def eof_received(self) -> bool:
         return False  # close: a half-closed upstream carries no more exchanges
@@ -279,6 +311,7 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self._sink = None
         self.on_body.target = _closed
+        self._deaf()
         del self._parser  # it holds our bound methods (a cycle), and nothing more arrives
         self._wake()
         if self._write_waiter is not None and not self._write_waiter.done():
@@ -325,6 +358,7 @@ class Connection(asyncio.Protocol):
         self.headers = CIMultiDict(self._raw_headers)
         self._raw_headers.clear()  # a stream may live for hours: keep one copy, not two
         self.has_head = True
+        self._streaming()
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -332,6 +366,7 @@ class Connection(asyncio.Protocol):
             self._skipping_informational = False
             return
         self._complete = True
+        self._checking()
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()
 

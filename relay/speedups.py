@@ -110,19 +110,28 @@ class ChunkTimesPy:
 class SwitchPy:
     """A callable that passes its arguments on to its current :attr:`target`.
 
-    httptools looks up a parser's body callback once, when the parser is made, and an
-    upstream connection's parser outlives each exchange's sink: the connection's body
-    callback is a switch, pointed at the sink while one is attached. Compiled, a call
-    through it runs no Python frame; this twin runs one, as the method it replaces did.
+    httptools looks up a parser's body callback once, when the parser is made, and uvloop
+    a protocol's ``data_received`` once, when its transport is made; an upstream connection
+    outlives each exchange. So its body callback is a switch pointed at the sink while one
+    is attached, and its ``data_received`` one pointed straight at llhttp while a body
+    streams in. An :attr:`on_error` other than None is called with what the target raises
+    (an ``Exception``), and its result is the call's. Compiled, a call through a switch runs
+    no Python frame; this twin runs one, as the methods it replaces did.
     """
 
-    __slots__ = ("target",)
+    __slots__ = ("on_error", "target")
 
     def __init__(self, target: Callable[..., object]) -> None:
         self.target = target
+        self.on_error: Callable[[Exception], object] | None = None
 
     def __call__(self, *args: object) -> object:
-        return self.target(*args)
+        if self.on_error is None:
+            return self.target(*args)
+        try:
+            return self.target(*args)
+        except Exception as exc:
+            return self.on_error(exc)
 
 
 class EventsPy:

@@ -164,6 +164,48 @@ def test_a_switch_calls_its_current_target(switch_class: Callable[..., SwitchPy]
         switch(b"e")
 
 
+def test_a_switch_hands_its_targets_errors_to_on_error(
+    switch_class: Callable[..., SwitchPy],
+) -> None:
+    """With an ``on_error``, what the target raises (an Exception) goes to it, and its
+    result is the call's; what it raises propagates, and so does a BaseException. Without
+    one (None, the default, or deleted), errors propagate as they are."""
+
+    class Stop(BaseException):
+        pass
+
+    def target(what: object) -> object:
+        if isinstance(what, BaseException):
+            raise what
+        return what
+
+    switch = switch_class(target)
+    assert switch.on_error is None
+    with pytest.raises(KeyError):
+        switch(KeyError("k"))
+    seen: list[BaseException] = []
+    switch.on_error = lambda exc: seen.append(exc) or "handled"
+    assert switch("fine") == "fine"
+    assert switch(KeyError("k")) == "handled"
+    assert [type(exc) for exc in seen] == [KeyError]
+    assert seen[0].__traceback__ is not None  # as an except clause would have it
+    with pytest.raises(Stop):
+        switch(Stop())
+
+    def refuse(exc: Exception) -> None:
+        raise RuntimeError("refused") from exc
+
+    switch.on_error = refuse
+    with pytest.raises(RuntimeError, match="refused"):
+        switch(ValueError("v"))
+    if switch_class is not SwitchPy:
+        del switch.on_error  # the compiled switch's None
+    else:
+        switch.on_error = None
+    with pytest.raises(ValueError, match="v"):
+        switch(ValueError("v"))
+
+
 def test_a_switch_always_has_one_target() -> None:
     """The compiled switch takes exactly one target, and its target cannot be deleted."""
     with pytest.raises(TypeError):
@@ -180,18 +222,20 @@ def test_a_cycle_through_a_switch_is_collected() -> None:
     relay breaks such cycles itself; the collector is the backstop)."""
 
     class Owner:
-        def __init__(self) -> None:
-            self.switch = _speedups.Switch(self.hold)  # owner -> switch -> bound method
+        def __init__(self, through: str) -> None:
+            self.switch = _speedups.Switch(print)
+            setattr(self.switch, through, self.hold)  # owner -> switch -> bound method
 
-        def hold(self, _: bytes) -> None:
+        def hold(self, _: object) -> None:
             pass
 
-    owner = Owner()
-    gone = weakref.ref(owner)
-    del owner
-    assert gone() is not None  # a cycle: reference counting alone cannot free it
-    gc.collect()
-    assert gone() is None
+    for through in ("target", "on_error"):
+        owner = Owner(through)
+        gone = weakref.ref(owner)
+        del owner
+        assert gone() is not None  # a cycle: reference counting alone cannot free it
+        gc.collect()
+        assert gone() is None, through
 
 
 def test_the_relay_uses_the_compiled_versions() -> None:

@@ -20,7 +20,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from relay import connection as connection_module
-from relay.connection import MAX_HEAD_BYTES, UPLOAD_CHUNK, Connection, UpstreamClosed
+from relay.connection import (
+    MAX_HEAD_BYTES,
+    UPLOAD_CHUNK,
+    Connection,
+    UpstreamClosed,
+    UpstreamProtocolError,
+)
 from relay.errors import UpstreamTimeout, UpstreamUnavailable
 from relay.speedups import SwitchPy
 from relay.upstream import Upstreams, _request_head
@@ -199,6 +205,64 @@ async def test_a_body_cut_mid_chunk_raises_upstream_closed(
     with pytest.raises(UpstreamClosed):
         await step(connection.wait())
     assert b"".join(chunks) == b"hellohal"
+
+
+@pytest.fixture(params=["compiled", "python"])
+def switches(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection's switches as built (C where they were), or their Python twin."""
+    if request.param == "python":
+        monkeypatch.setattr(connection_module, "Switch", SwitchPy)
+
+
+def _after_the_first_chunk(second: bytes) -> tuple[Script, asyncio.Event]:
+    """A chunked response whose ``second`` part leaves only once the first chunk was taken:
+    it arrives on its own, while the body streams straight into llhttp."""
+    taken = asyncio.Event()
+
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(CHUNKED + b"5\r\nhello\r\n")
+        await writer.drain()
+        await taken.wait()
+        writer.write(second)
+        await writer.drain()
+        return False
+
+    return script, taken
+
+
+@pytest.mark.usefixtures("switches")
+async def test_a_body_that_breaks_its_framing_midway_is_an_invalid_response(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """Once the head is in, what arrives goes straight to llhttp; a chunk it cannot parse
+    still fails the exchange as an invalid response, as one in the head's packet does."""
+    script, taken = _after_the_first_chunk(b"zz\r\nnot a chunk\r\n")
+    connection = await step(request(pool, "POST", (await wire(script)).url))
+    chunks: list[bytes] = []
+    connection.attach(lambda chunk: (chunks.append(chunk), taken.set()))
+    with pytest.raises(UpstreamProtocolError, match="invalid response"):
+        await step(connection.wait())
+    assert chunks == [b"hello"]
+    assert not connection.usable
+
+
+@pytest.mark.usefixtures("switches")
+async def test_a_sink_that_raises_midway_fails_the_exchange_with_its_error(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A sink's own error (a bug) reaches the handler as itself, not as the parser's."""
+    script, taken = _after_the_first_chunk(b"5\r\nworld\r\n0\r\n\r\n")
+    connection = await step(request(pool, "POST", (await wire(script)).url))
+
+    def sink(chunk: bytes) -> None:
+        if taken.is_set():
+            raise LookupError(f"the sink broke on {chunk!r}")
+        taken.set()
+
+    connection.attach(sink)
+    with pytest.raises(LookupError, match="world"):
+        await step(connection.wait())
+    assert not connection.usable
 
 
 @pytest.mark.parametrize(
