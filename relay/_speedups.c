@@ -317,7 +317,8 @@ static PyType_Spec ChunkTimes_spec = {
  * caller which looked up its callback once (llhttp's body callback, in httptools; uvloop's
  * data_received) reaches whichever callable is attached now without a Python frame in
  * between. An ``on_error`` other than None is called with what the target raised (an
- * Exception, not a BaseException), and its result is the call's. */
+ * Exception, not a BaseException), and its result is the call's: the on_error of when the
+ * call began. */
 typedef struct {
     PyObject_HEAD
     PyObject *target;
@@ -346,20 +347,21 @@ Switch_call(Switch *self, PyObject *const *args, size_t nargsf, PyObject *kwname
         PyErr_SetString(PyExc_RuntimeError, "a cleared Switch was called");
         return NULL;
     }
-    /* The target may replace itself during the call (a sink that detaches): hold it. */
+    /* The call may point the switch elsewhere (a sink that detaches, a body that ends):
+     * what it raises goes to the on_error of when it began. Hold both. */
     PyObject *target = Py_NewRef(self->target);
+    PyObject *on_error = Py_XNewRef(self->on_error);
     PyObject *result = PyObject_Vectorcall(target, args, nargsf, kwnames);
     Py_DECREF(target);
-    if (result != NULL || self->on_error == NULL || self->on_error == Py_None ||
-        !PyErr_ExceptionMatches(PyExc_Exception))
-        return result;
-    PyObject *exc = take_exception();
-    if (exc == NULL)
-        return NULL;
-    PyObject *on_error = Py_NewRef(self->on_error);
-    result = PyObject_CallOneArg(on_error, exc);
-    Py_DECREF(on_error);
-    Py_DECREF(exc);
+    if (result == NULL && on_error != NULL && on_error != Py_None &&
+        PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyObject *exc = take_exception();
+        if (exc != NULL) {
+            result = PyObject_CallOneArg(on_error, exc);
+            Py_DECREF(exc);
+        }
+    }
+    Py_XDECREF(on_error);
     return result;
 }
 

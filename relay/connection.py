@@ -55,7 +55,7 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_complete", "_error", "_head_bytes", "_held", "_held_bytes", "_interrupt",
+        "_complete", "_error", "_field_bytes", "_head_bytes", "_held", "_held_bytes", "_interrupt",
         "_keep_alive", "_loop", "_needs_drain", "_parser", "_pool", "_raw_headers", "_reason",
         "_sink", "_skipping_informational", "_transport", "_waiter", "_write_waiter",
         "data_received", "has_head", "headers", "idle_since", "on_body", "origin", "pooled",
@@ -90,7 +90,8 @@ class Connection(asyncio.Protocol):
         self.received_any = False
         self._reason = b""
         self._raw_headers: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # received while the head is unfinished
+        self._field_bytes = 0  # the head's status reason and header fields
         self._skipping_informational = False
         self._complete = False
         self._keep_alive = False
@@ -280,15 +281,19 @@ class Connection(asyncio.Protocol):
         if self.pooled or self._complete or self._error is not None:  # bytes nobody asked for
             self._fail(UpstreamProtocolError("unexpected bytes from the upstream"))
             return
-        if not self.has_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES + HOLD_BYTES:
-                self._fail(UpstreamProtocolError("response head too large"))
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._feed_failed(exc)
+            return
+        # An unfinished head is bounded here, by what arrived while it was unfinished (llhttp
+        # holds a header it has not finished); a whole one in on_headers_complete. Bytes of
+        # the body that come in the head's read never count: a fast upstream's first read
+        # may well be the head and a few hundred kilobytes of body.
+        if not self.has_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamProtocolError("response head too large"))
 
     def _feed_failed(self, exc: Exception) -> None:
         if isinstance(exc, httptools.HttpParserCallbackError):  # ours, or a sink's (a bug)
@@ -344,15 +349,19 @@ class Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        self._field_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._field_bytes += len(name) + len(value)
         self._raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        if self._field_bytes > MAX_HEAD_BYTES:
+            raise UpstreamProtocolError("response head too large")
         status = self._parser.get_status_code()
         if status < 200:  # 1xx: an interim response, the real one follows
             self._skipping_informational = True
-            self._raw_headers, self._reason = [], b""
+            self._raw_headers, self._reason, self._field_bytes = [], b"", 0
             return
         self.status = status
         self.headers = CIMultiDict(self._raw_headers)

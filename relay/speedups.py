@@ -115,7 +115,8 @@ class SwitchPy:
     outlives each exchange. So its body callback is a switch pointed at the sink while one
     is attached, and its ``data_received`` one pointed straight at llhttp while a body
     streams in. An :attr:`on_error` other than None is called with what the target raises
-    (an ``Exception``), and its result is the call's. Compiled, a call through a switch runs
+    (an ``Exception``), and its result is the call's: the ``on_error`` of when the call
+    began, even if the call pointed the switch elsewhere. Compiled, a call through a switch runs
     no Python frame; this twin runs one, as the methods it replaces did.
     """
 
@@ -126,12 +127,13 @@ class SwitchPy:
         self.on_error: Callable[[Exception], object] | None = None
 
     def __call__(self, *args: object) -> object:
-        if self.on_error is None:
+        on_error = self.on_error  # the call's, even if the call replaces it
+        if on_error is None:
             return self.target(*args)
         try:
             return self.target(*args)
         except Exception as exc:
-            return self.on_error(exc)
+            return on_error(exc)
 
 
 class EventsPy:

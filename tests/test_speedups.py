@@ -192,6 +192,15 @@ def test_a_switch_hands_its_targets_errors_to_on_error(
     with pytest.raises(Stop):
         switch(Stop())
 
+    def change_course(what: object) -> object:
+        switch.on_error = None  # what this call raises still goes to the one it began with
+        return target(what)
+
+    switch.target = change_course
+    assert switch(KeyError("late")) == "handled"
+    assert [str(exc) for exc in seen[1:]] == ["'late'"]
+    switch.target = target
+
     def refuse(exc: Exception) -> None:
         raise RuntimeError("refused") from exc
 

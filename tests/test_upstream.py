@@ -247,6 +247,29 @@ async def test_a_body_that_breaks_its_framing_midway_is_an_invalid_response(
 
 
 @pytest.mark.usefixtures("switches")
+async def test_bytes_after_a_streamed_body_end_the_connection_quietly(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """A body that ends in the same packet as stray bytes completes, and the connection is
+    closed, not reused: the stray bytes fail it as on the head's packet, not the event loop
+    (which would report a fatal error on the transport)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        script, taken = _after_the_first_chunk(b"0\r\n\r\nHTTP/1.1 200 OK\r\n")
+        server = await wire(script)
+        connection = await step(request(pool, "POST", server.url))
+        connection.attach(lambda _: taken.set())
+        assert await step(connection.wait())
+        await step(server.closed.get())  # the stray bytes were sent, and the relay hung up
+        assert not connection.usable
+        assert reported == []
+    finally:
+        loop.set_exception_handler(None)
+
+
+@pytest.mark.usefixtures("switches")
 async def test_a_sink_that_raises_midway_fails_the_exchange_with_its_error(
     wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
 ) -> None:
@@ -263,6 +286,72 @@ async def test_a_sink_that_raises_midway_fails_the_exchange_with_its_error(
     with pytest.raises(LookupError, match="world"):
         await step(connection.wait())
     assert not connection.usable
+
+
+class _FakeTransport:
+    """Enough of a transport for a Connection fed by hand."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+class _NoPool:
+    def put(self, connection: Connection) -> None:
+        pass
+
+    def discard(self, connection: Connection) -> None:
+        pass
+
+
+def _fed(*reads: bytes) -> tuple[Connection, _FakeTransport]:
+    connection = Connection(_NoPool(), ("http", "upstream", 80))
+    transport = _FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    for data in reads:
+        connection.data_received(data)
+    return connection, transport
+
+
+async def test_a_head_that_comes_with_much_of_its_body_in_one_read_is_taken() -> None:
+    """A fast upstream's first read can be its head and hundreds of kilobytes of body
+    (uvloop reads up to 256 KiB at a time): only the head counts against its limit."""
+    body = bytes(range(256)) * 1200  # 300 KiB
+    connection, transport = _fed(b"HTTP/1.1 200 OK\r\nContent-Length: 307200\r\n\r\n" + body)
+    await step(connection.head())
+    assert transport.paused  # the body waits for a sink, bounded
+    chunks: list[bytes] = []
+    connection.attach(chunks.append)
+    assert await step(connection.wait())
+    assert b"".join(chunks) == body
+    assert not transport.paused
+
+
+@pytest.mark.parametrize("reads", [1, 8], ids=["one-read", "unfinished-over-reads"])
+async def test_a_head_over_its_limit_is_refused(reads: int) -> None:
+    """Whole in one read, or still unfinished once more than the limit arrived."""
+    field = b"X-Big: " + b"a" * (MAX_HEAD_BYTES + 10)
+    head = b"HTTP/1.1 200 OK\r\n" + field + (b"\r\n\r\n" if reads == 1 else b"")
+    size = len(head) // reads + 1
+    connection, transport = _fed(*(head[i : i + size] for i in range(0, len(head), size)))
+    with pytest.raises(UpstreamProtocolError, match="response head too large"):
+        await step(connection.head())
+    assert transport.closed
 
 
 @pytest.mark.parametrize(
