@@ -1,7 +1,7 @@
 """The only place bytes move from the upstream to the client.
 
 No loop and no queue: the upstream connection (:mod:`relay.connection`) calls a
-:class:`Forwarder` with each body chunk from inside its socket callback, and the forwarder
+:class:`Forwarder`'s sink with each body chunk from inside its socket callback, and the sink
 writes the chunk to the client's transport before it returns. Nothing is read ahead: the
 write is the backpressure. Once the client's transport is full, the forwarder pauses the
 upstream socket, and :func:`pump`, the handler's side, waits for the client to drain before
