@@ -490,3 +490,80 @@ def test_the_compiled_event_tap_keeps_bytes_and_needs_its_general_path() -> None
         tap._pending = "x"  # type: ignore[assignment]
     with pytest.raises(TypeError):
         tap("data: 1\n\n")  # type: ignore[arg-type]
+
+
+class _SlotExchange:
+    __slots__ = ("bytes_out", "chunks")
+
+    def __init__(self) -> None:
+        self.bytes_out = self.chunks = 0
+
+
+class _SlotWatchdog:
+    __slots__ = ("last",)
+
+
+class _SlotProtocol:
+    __slots__ = ("writing_paused",)
+
+    def __init__(self) -> None:
+        self.writing_paused = False
+
+
+class _Watched:
+    """An exchange whose class sets attributes its own way: each set is seen."""
+
+    bytes_out = chunks = 0
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "sets", [])
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self.sets.append(name)  # type: ignore[attr-defined]
+        object.__setattr__(self, name, value)
+
+
+def test_a_forward_keeps_its_books_on_slotted_objects_as_on_any(
+    forward_class: Callable[..., ForwardPy],
+) -> None:
+    """The relay's exchange, watchdog and protocol keep these attributes in __slots__, which
+    the compiled forward reads and writes in place; a class that sets attributes its own
+    way still sees every set, and an attribute never set is an AttributeError, as for the
+    Python twin."""
+    transport, upstream, exchange, watchdog = (
+        _Transport(),
+        _Upstream(),
+        _SlotExchange(),
+        _SlotWatchdog(),
+    )
+    protocol = _SlotProtocol()
+    times: list[tuple[float, float]] = []
+    forward = forward_class(
+        transport, protocol, upstream, exchange, lambda r, w: times.append((r, w)), watchdog,
+        None, _Gone, b"", True, 8,
+    )  # fmt: skip
+    forward(b"abc")
+    protocol.writing_paused = True
+    forward(b"defgh")
+    assert (exchange.bytes_out, exchange.chunks) == (8, 2)
+    assert watchdog.last == times[-1][1]
+    assert upstream.calls == [("pause",)]
+
+    watched = _Watched()
+    forward = forward_class(
+        transport, _SlotProtocol(), upstream, watched, lambda r, w: None, _SlotWatchdog(),
+        None, _Gone, b"", True, 8,
+    )  # fmt: skip
+    forward(b"x")
+    assert watched.sets == ["bytes_out", "chunks"]
+    assert (watched.bytes_out, watched.chunks) == (1, 1)
+
+    unset = _SlotExchange()
+    del unset.chunks
+    forward = forward_class(
+        transport, _SlotProtocol(), upstream, unset, lambda r, w: None, _SlotWatchdog(),
+        None, _Gone, b"", True, 8,
+    )  # fmt: skip
+    with pytest.raises(AttributeError, match="chunks"):
+        forward(b"y")
+    assert unset.bytes_out == 1  # counted before the chunk count failed, as in Python
