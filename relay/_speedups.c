@@ -472,9 +472,8 @@ static PyType_Spec Switch_spec = {
     .slots = Switch_slots,
 };
 
-/* Forward: the sink of a streaming response; see relay/speedups.py's ForwardPy, which
- * documents it. The names of the attributes and methods it uses are interned once, in the
- * module's state. */
+/* The module's state: the names of the attributes and methods that Forward and Events
+ * use, interned once, two constant byte strings and the Events type. */
 typedef struct {
     PyObject *is_closing, *write, *writelines, *refuse, *pause, *writing_paused, *last,
         *bytes_out, *chunks, *gone_message, *general, *crlf, *empty, *events_type;
@@ -514,6 +513,8 @@ Events_tap(Events *self, State *st, PyObject *chunk)
     return PyObject_CallMethodOneArg((PyObject *)self, st->general, chunk);
 }
 
+/* Forward: the sink of a streaming response; see relay/speedups.py's ForwardPy, which
+ * documents it. */
 typedef struct {
     PyObject_HEAD
     PyObject *transport, *protocol, *upstream, *exchange, *record, *watchdog, *tap, *gone;
