@@ -110,14 +110,14 @@ class ChunkTimesPy:
 class SwitchPy:
     """A callable that passes its arguments on to its current :attr:`target`.
 
-    httptools looks up a parser's body callback once, when the parser is made, and uvloop
-    a protocol's ``data_received`` once, when its transport is made; an upstream connection
+    httptools looks up a parser's body callback once, when the parser is made, and uvloop a
+    protocol's ``data_received`` once, when its transport is made; an upstream connection
     outlives each exchange. So its body callback is a switch pointed at the sink while one
     is attached, and its ``data_received`` one pointed straight at llhttp while a body
     streams in. An :attr:`on_error` other than None is called with what the target raises
     (an ``Exception``), and its result is the call's: the ``on_error`` of when the call
-    began, even if the call pointed the switch elsewhere. Compiled, a call through a switch runs
-    no Python frame; this twin runs one, as the methods it replaces did.
+    began, even if the call pointed the switch elsewhere. Compiled, a call through a switch
+    runs no Python frame; this twin runs one, as the methods it replaces did.
     """
 
     __slots__ = ("on_error", "target")
