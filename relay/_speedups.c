@@ -751,7 +751,10 @@ Forward_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->at_last = slot_offset(watchdog, st->last);
     self->at_bytes_out = slot_offset(exchange, st->bytes_out);
     self->at_chunks = slot_offset(exchange, st->chunks);
-    self->events = PyObject_TypeCheck(tap, (PyTypeObject *)st->events_type);
+    /* An Events whose class keeps its call (SseTap does) is settled in C; a subclass that
+     * overrides __call__ is called as any tap is. */
+    PyTypeObject *events = (PyTypeObject *)st->events_type;
+    self->events = PyObject_TypeCheck(tap, events) && Py_TYPE(tap)->tp_call == events->tp_call;
     self->gone = Py_NewRef(gone);
     self->head = Py_NewRef(head);
     self->chunked = (char)chunked;

@@ -567,3 +567,30 @@ def test_a_forward_keeps_its_books_on_slotted_objects_as_on_any(
     with pytest.raises(AttributeError, match="chunks"):
         forward(b"y")
     assert unset.bytes_out == 1  # counted before the chunk count failed, as in Python
+
+
+def test_a_tap_that_overrides_its_call_is_called_through_it(
+    forward_class: Callable[..., ForwardPy], events_class: type[EventsPy]
+) -> None:
+    """The compiled forward settles an event tap's usual chunk itself only when the tap's
+    class keeps the fast path's call; an override is called like any other tap."""
+    tap_base: Any = events_class
+
+    class Counting(tap_base):  # type: ignore[misc]
+        __slots__ = ("seen",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[bytes] = []
+
+        def __call__(self, chunk: bytes) -> None:
+            self.seen.append(chunk)
+
+    tap = Counting()
+    forward = forward_class(
+        _Transport(), _Protocol(), _Upstream(), _Exchange(), lambda r, w: None, _WATCHDOG,
+        tap, _Gone, b"", False, 8,
+    )  # fmt: skip
+    forward(b"data: 1\n\n")
+    assert tap.seen == [b"data: 1\n\n"]
+    assert tap.events == 0
