@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import IO, Protocol, cast
+from typing import IO, Protocol, TypeVar, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from relay.speedups import Switch
 
 Sink = Callable[[bytes], None]
+T = TypeVar("T")
 Origin = tuple[str, str, int]  # scheme, host, port
 
 HOLD_BYTES = 2**16  # body held while no sink is attached; past it the upstream socket pauses
@@ -58,7 +59,7 @@ class Connection(asyncio.Protocol):
         "_complete", "_error", "_field_bytes", "_head_bytes", "_held", "_held_bytes", "_interrupt",
         "_keep_alive", "_loop", "_needs_drain", "_parser", "_pool", "_raw_headers", "_reason",
         "_sink", "_skipping_informational", "_transport", "_waiter", "_write_waiter",
-        "data_received", "has_head", "headers", "idle_since", "on_body", "origin", "pooled",
+        "data_received", "fields", "has_head", "idle_since", "on_body", "origin", "pooled",
         "received_any", "status",
     )  # fmt: skip
 
@@ -85,7 +86,7 @@ class Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.fields: list[tuple[str, str]] = []  # the response's header fields, in order
         self.has_head = False
         self.received_any = False
         self._reason = b""
@@ -111,9 +112,15 @@ class Connection(asyncio.Protocol):
         return self._reason.decode("latin-1")
 
     @property
+    def headers(self) -> CIMultiDict[str]:
+        """The response's header fields, for lookups by name (the relay itself forwards
+        :attr:`fields` and looks up only the two it needs, without building this)."""
+        return CIMultiDict(self.fields)
+
+    @property
     def content_type(self) -> str:
         """The media type of the response, lower case, without parameters."""
-        return self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        return _field(self.fields, "content-type", "").partition(";")[0].strip().lower()
 
     async def send(self, head: bytes, body: bytes | IO[bytes]) -> None:
         """Write one request: ``head`` and the body, waiting whenever the socket is full."""
@@ -337,8 +344,8 @@ class Connection(asyncio.Protocol):
             and not self._complete
             and exc is None
             and self._error is None
-            and "Content-Length" not in self.headers
-            and "chunked" not in self.headers.get("Transfer-Encoding", "").lower()
+            and _field(self.fields, "content-length", None) is None
+            and "chunked" not in _field(self.fields, "transfer-encoding", "").lower()
         )
 
     # -- httptools callbacks -----------------------------------------------------------------
@@ -364,8 +371,7 @@ class Connection(asyncio.Protocol):
             self._raw_headers, self._reason, self._field_bytes = [], b"", 0
             return
         self.status = status
-        self.headers = CIMultiDict(self._raw_headers)
-        self._raw_headers.clear()  # a stream may live for hours: keep one copy, not two
+        self.fields, self._raw_headers = self._raw_headers, []
         self.has_head = True
         self._streaming()
         self._wake()
@@ -382,3 +388,11 @@ class Connection(asyncio.Protocol):
 
 def _closed(_: bytes) -> None:
     """The body callback of a closed connection: nothing more is read from it."""
+
+
+def _field(fields: list[tuple[str, str]], lower: str, default: T) -> str | T:
+    """The value of the first field named ``lower`` (any case), else ``default``."""
+    for name, value in fields:
+        if name.lower() == lower:
+            return value
+    return default

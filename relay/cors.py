@@ -57,15 +57,27 @@ def preflight(request: Incoming, allowed: tuple[str, ...]) -> list[tuple[str, st
     ]
 
 
-def label(request: Incoming, headers: CIMultiDict[str], allowed: tuple[str, ...]) -> None:
-    """Add the CORS headers a response to ``request`` carries (none without an Origin)."""
+def labels(request: Incoming, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The CORS header fields a response to ``request`` carries (none without an Origin)."""
     if "Origin" not in request.headers:
-        return
-    headers.add("Vary", "Origin")
+        return []
     origin = allowed_origin(request, allowed)
-    if origin is not None:
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+    if origin is None:
+        return [("Vary", "Origin")]
+    return [
+        ("Vary", "Origin"),
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Expose-Headers", EXPOSE_HEADERS),
+    ]
+
+
+def label(request: Incoming, headers: CIMultiDict[str], allowed: tuple[str, ...]) -> None:
+    """Add the CORS header fields of :func:`labels` to a response's ``headers``."""
+    for name, value in labels(request, allowed):
+        if name == "Vary":
+            headers.add(name, value)  # beside the upstream's own Vary, if any
+        else:
+            headers[name] = value
 
 
 def response_headers(

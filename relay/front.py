@@ -64,10 +64,12 @@ LINGER_SECONDS = 30.0  # the longest a closing connection discards what the clie
 LINGER_GAP_SECONDS = 5.0  # ... or until it sends nothing for this long (nginx's figures)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODYLESS = frozenset({204, 304})
+_FRAMING = frozenset({"transfer-encoding", "connection"})  # the relay sets these itself
 
 Handle = Callable[["Request"], Coroutine[Any, Any, None]]
 Handoff = Callable[[str, str], bool]  # (method, path) -> served by aiohttp
-Label = Callable[["Request", CIMultiDict[str]], None]  # headers every response carries
+Fields = list[tuple[str, str]]  # a head's fields in order, as they go out
+Label = Callable[["Request"], Fields]  # fields every response carries (CORS)
 
 
 class _HandOff(Exception):
@@ -440,9 +442,9 @@ class Request:
     """
 
     __slots__ = (
-        "_body", "_body_size", "_continue", "_error", "_head", "_waiter", "chunked", "front",
-        "headers", "last", "method", "raw_path", "received", "remote", "started", "transport",
-        "version",
+        "_body", "_body_size", "_continue", "_error", "_head", "_waiter", "chunked", "fields",
+        "front", "headers", "last", "method", "raw_path", "received", "remote", "started",
+        "transport", "version",
     )  # fmt: skip
 
     scheme = "http"
@@ -453,7 +455,7 @@ class Request:
         method: str,
         target: str,
         version: tuple[int, int],
-        headers: Iterable[tuple[str, str]],
+        fields: Fields,
     ) -> None:
         self.front = front  # the connection it came on
         self.transport = front.transport
@@ -461,7 +463,8 @@ class Request:
         self.method = method
         self.raw_path = target
         self.version = version
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(headers))
+        self.fields = fields  # the head's fields as they came, for the upstream request
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(fields))
         self.last = False  # the response is this connection's last
         self.received = False  # the whole body arrived
         self.started = False  # the response head was written
@@ -550,9 +553,10 @@ class Request:
 
     # -- the response ------------------------------------------------------------------------
 
-    def start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
-        """Begin the response. Without a Content-Length the body is chunked (or, for an
-        HTTP/1.0 client, ends with the connection).
+    def start(self, status: int, reason: str, fields: Fields) -> None:
+        """Begin the response with ``fields`` (whose framing and ``Connection`` fields are
+        the relay's to set, and dropped). Without a Content-Length the body is chunked (or,
+        for an HTTP/1.0 client, ends with the connection).
 
         The head waits in :meth:`take_head` for whoever writes next, so that it leaves
         with the body's first bytes in one write: one segment, and one wake-up of the
@@ -560,29 +564,47 @@ class Request:
         anything (:meth:`finish`, :meth:`reply` and the forwarder do).
         """
         self.started = True
-        bodyless = status in _BODYLESS or status < 200 or self.method == "HEAD"
-        if status in _BODYLESS or status < 200:
-            headers.popall("Content-Length", None)  # RFC 9110 8.6: never on these
-        if "Content-Length" in headers or bodyless:
+        interim_or_empty = status in _BODYLESS or status < 200
+        bodyless = interim_or_empty or self.method == "HEAD"
+        out: Fields = []
+        length: str | None = None
+        typed = dated = False
+        for name, value in fields:
+            lower = name.lower()
+            if lower == "content-length":
+                if interim_or_empty:
+                    continue  # RFC 9110 8.6: never on these
+                if length is None:
+                    length = value
+            elif lower in _FRAMING:
+                continue
+            elif lower == "content-type":
+                typed = True
+            elif lower == "date":
+                dated = True
+            out.append((name, value))
+        if length is not None or bodyless:
             self.chunked = False
         elif self.version >= (1, 1):
             self.chunked = True
-            headers["Transfer-Encoding"] = "chunked"
+            out.append(("Transfer-Encoding", "chunked"))
         else:
             self.last = True
-        if not bodyless and headers.get("Content-Length") != "0":
-            headers.setdefault("Content-Type", "application/octet-stream")
+        if not bodyless and length != "0" and not typed:
+            out.append(("Content-Type", "application/octet-stream"))
         if not self.received:  # what is left of the body is never read
             self.last = True
-        self.front.server.label(self, headers)
-        self.headers = _NO_HEADERS  # read by nobody from here on; a stream may last hours
+        out += self.front.server.label(self)
+        # Read by nobody from here on, and a stream may last hours.
+        self.headers, self.fields = _NO_HEADERS, []
         if self.last:
-            headers["Connection"] = "close"
+            out.append(("Connection", "close"))
         elif self.version < (1, 1):
-            headers["Connection"] = "keep-alive"
-        headers.setdefault("Date", http_date())
+            out.append(("Connection", "keep-alive"))
+        if not dated:
+            out.append(("Date", http_date()))
         head = [f"HTTP/{self.version[0]}.{self.version[1]} {status} {reason}\r\n"]
-        head += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        head += [f"{name}: {value}\r\n" for name, value in out]
         head.append("\r\n")
         self._head = "".join(head).encode("utf-8", "surrogateescape")
 
@@ -593,8 +615,8 @@ class Request:
 
     def reply(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
         """A whole response at once (the relay's own answers)."""
-        out = CIMultiDict(headers)
-        out["Content-Length"] = str(len(body))
+        out = [(name, value) for name, value in headers if name.lower() != "content-length"]
+        out.append(("Content-Length", str(len(body))))
         self.start(status, HTTPStatus(status).phrase, out)
         self._write(self.take_head() + (b"" if self.method == "HEAD" else body))
 

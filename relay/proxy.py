@@ -17,7 +17,6 @@ from typing import IO
 
 import structlog
 from aiohttp.helpers import parse_mimetype
-from multidict import CIMultiDict
 from yarl import URL
 
 from relay import cors, headers, policy
@@ -84,12 +83,14 @@ async def relay(state: AppState, request: Request, exchange: Exchange) -> None:
         if target.task_id is not None:
             await state.gate.check_owner(principal, target.task_id)
         exchange.bytes_in = size
+        endpoint = state.router.endpoints[route.name]
         outgoing = Outgoing(
-            URL(route.upstream + target.path + _query(target.query), encoded=True),
+            endpoint.origin,
+            endpoint.base_path + target.path + _query(target.query),
             headers.upstream_request_headers(
-                request.headers,
-                auth_header=route.auth_header,
-                auth_value=route.auth_value,
+                request.fields,
+                auth_header=endpoint.auth[0],
+                auth_value=endpoint.auth[1],
                 request_id=exchange.request_id,
             ),
             body,
@@ -110,8 +111,9 @@ class Outgoing:
     """The request for the upstream, kept only until it is sent: a stream can outlive its
     request body (up to ``RELAY_MAX_BODY_BYTES``, or a spooled upload) by hours."""
 
-    url: URL
-    headers: CIMultiDict[str]
+    origin: URL
+    target: str  # the path and query, as sent
+    headers: list[tuple[str, str]]
     body: Body
     size: int
 
@@ -119,7 +121,7 @@ class Outgoing:
         if not isinstance(self.body, bytes):
             self.body.close()
         self.body = b""
-        self.headers = CIMultiDict()
+        self.headers = []
 
 
 async def _read_body(
@@ -220,7 +222,12 @@ async def _stream(
     heartbeat: Heartbeat | None = None
     try:
         sent = await state.upstreams.send(
-            request.method, outgoing.url, outgoing.headers, outgoing.body, outgoing.size
+            request.method,
+            outgoing.origin,
+            outgoing.target,
+            outgoing.headers,
+            outgoing.body,
+            outgoing.size,
         )
         upstream = sent.connection
         # The request is on its way. Whatever does not need the response is done now, while
@@ -242,7 +249,7 @@ async def _stream(
         request.start(
             upstream.status,
             upstream.reason,
-            headers.client_response_headers(upstream.headers, request_id=exchange.request_id),
+            headers.client_response_headers(upstream.fields, request_id=exchange.request_id),
         )
         forward = Forwarder(request, upstream, exchange, meters, watchdog, tap)
         if sse is not None and route.sse_heartbeat is not None:

@@ -69,6 +69,21 @@ class Route:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What each request of a route needs of its upstream, worked out once per route."""
+
+    origin: URL  # the upstream: yarl keeps what it derives from it (pool key, Host field)
+    base_path: str  # put before each request's path: "" or, say, "/v1"
+    auth: tuple[str, str]  # the field that carries the key, with its value
+
+    @classmethod
+    def of(cls, route: Route) -> Endpoint:
+        origin = URL(route.upstream, encoded=True)
+        base_path = origin.raw_path.rstrip("/")
+        return cls(origin, base_path, (route.auth_header, route.auth_value))
+
+
 def upstream_url(raw: Any) -> str:
     if not isinstance(raw, str):
         raise ValueError("must be a string")
@@ -97,6 +112,7 @@ class Router:
         self.wavespeed = wavespeed
         self.routes = routes
         self.allowlists = {r.name: Allowlist(r.allowed_models) for r in (wavespeed, *routes)}
+        self.endpoints = {r.name: Endpoint.of(r) for r in (wavespeed, *routes)}
         self._matchers = [(r, [_matcher(r.prefix, p) for p in r.paths]) for r in routes]
         # Resolving is a pure function of the method and target, and a stream's target is
         # the same for every request to its model: remembered, it is one lookup in C.

@@ -48,7 +48,7 @@ class RelayRunner(web.AppRunner):
             aiohttp_server,
             handle=functools.partial(handle, state),
             handoff=serves(self.app),
-            label=functools.partial(cors.label, allowed=state.config.allowed_origins),
+            label=functools.partial(cors.labels, allowed=state.config.allowed_origins),
         )
         return cast(web.Server, front)  # aiohttp uses its protocol factory and shutdown only
 

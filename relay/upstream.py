@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Iterable
 from typing import IO
 
-from multidict import CIMultiDict
 from yarl import URL
 
 from relay.connection import Connection, Origin, UpstreamClosed, UpstreamProtocolError
@@ -51,16 +51,20 @@ class Upstreams:
     async def send(
         self,
         method: str,
-        url: URL,
-        headers: CIMultiDict[str],
+        origin: URL,
+        target: str,
+        headers: Iterable[tuple[str, str]],
         body: bytes | IO[bytes],
         size: int,
     ) -> Sent:
-        """Write a request on a pooled connection, or a new one; :meth:`Sent.response`
-        waits for its answer. What the caller does in between costs its client nothing
-        while the upstream works on the request (the relay prepares the stream then)."""
-        origin: Origin = (url.scheme, url.raw_host or "", url.port or 0)
-        sent = Sent(self, origin, method, _request_head(method, url, headers, size), body)
+        """Write a request for ``target`` (its path and query, sent as they are) to the
+        upstream at ``origin`` (whose path is not used) on a pooled connection, or a new one;
+        :meth:`Sent.response` waits for its answer. What the caller does in between costs its
+        client nothing while the upstream works on the request (the relay prepares the stream
+        then). A route passes the same ``origin`` object every time: yarl keeps what it
+        derives from it, the pool key and the ``Host`` field."""
+        key: Origin = (origin.scheme, origin.raw_host or "", origin.port or 0)
+        sent = Sent(self, key, method, _request_head(method, origin, target, headers, size), body)
         await sent.send()
         return sent
 
@@ -228,10 +232,12 @@ def _resendable(method: str, body: bytes | IO[bytes]) -> bool:
     return method in IDEMPOTENT and isinstance(body, bytes)
 
 
-def _request_head(method: str, url: URL, headers: CIMultiDict[str], size: int) -> bytes:
+def _request_head(
+    method: str, origin: URL, target: str, headers: Iterable[tuple[str, str]], size: int
+) -> bytes:
     """The request line and headers, with ``Host`` and the body's ``Content-Length``."""
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.host_port_subcomponent}"]
+    lines += [f"{name}: {value}" for name, value in headers]
     if size or method not in ("GET", "DELETE"):
         lines.append(f"Content-Length: {size}")
     lines.append("\r\n")

@@ -9,7 +9,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -669,3 +669,77 @@ async def test_a_last_response_survives_what_the_client_sent_after_its_request(
     assert head.startswith(b"HTTP/1.1 200 ")
     assert body == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"  # to its end, then the relay's close
     assert len(upstream.seen) == 1
+
+
+class _Server:
+    def label(self, request: front.Request) -> list[tuple[str, str]]:
+        return [("Vary", "Origin")]
+
+
+class _Front:
+    transport = None
+    peer = "127.0.0.1"
+    server = _Server()
+
+
+def _head(
+    fields: list[tuple[str, str]], status: int = 200, version: tuple[int, int] = (1, 1)
+) -> list[str]:
+    request = front.Request(cast(front.Front, _Front()), "POST", "/", version, [])
+    request.received = True
+    request.start(status, "OK", fields)
+    return request.take_head().decode().split("\r\n")
+
+
+def test_the_relay_frames_a_response_itself_whatever_fields_it_is_given() -> None:
+    """Framing and connection fields given to ``start`` are dropped for the relay's own;
+    the others keep their order, then come the labels and a Date."""
+    lines = _head(
+        [
+            ("Content-Type", "text/event-stream"),
+            ("Transfer-Encoding", "gzip"),
+            ("connection", "upgrade"),
+            ("X-A", "1"),
+        ]
+    )
+    assert lines[0] == "HTTP/1.1 200 OK"
+    assert lines[1:5] == [
+        "Content-Type: text/event-stream",
+        "X-A: 1",
+        "Transfer-Encoding: chunked",
+        "Vary: Origin",
+    ]
+    assert lines[5].startswith("Date: ")
+    assert lines[6:] == ["", ""]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "expected"),
+    [
+        # A length frames the body; the upstream's own Date is kept.
+        (
+            [("content-length", "2"), ("Date", "then")],
+            200,
+            ["content-length: 2", "Content-Type: application/octet-stream"],
+        ),
+        # No body, no type; never a length on a 204.
+        ([("Content-Length", "0")], 200, ["Content-Length: 0"]),
+        ([("Content-Length", "5")], 204, []),
+    ],
+)
+def test_a_response_head_keeps_a_length_and_adds_only_what_is_missing(
+    fields: list[tuple[str, str]], status: int, expected: list[str]
+) -> None:
+    lines = _head(fields, status)
+    kept = [line for line in lines[1:] if line and not line.startswith(("Vary:", "Date: "))]
+    assert kept == expected
+    dates = [line for line in lines if line.startswith("Date: ")]
+    assert len(dates) == 1
+    assert (dates == ["Date: then"]) is any(name == "Date" for name, _ in fields)
+    assert not any(line.lower().startswith("transfer-encoding") for line in lines)
+
+
+def test_an_http_1_0_response_without_a_length_ends_with_its_connection() -> None:
+    lines = _head([("Content-Type", "text/plain")], version=(1, 0))
+    assert "Connection: close" in lines
+    assert not any(line.startswith("Transfer-Encoding") for line in lines)

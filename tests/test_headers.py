@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from multidict import CIMultiDict
 
@@ -34,9 +36,11 @@ CLIENT_HEADERS = [
 @pytest.mark.parametrize(("name", "value", "forwarded"), CLIENT_HEADERS)
 def test_request_headers_table(name: str, value: str, forwarded: bool) -> None:
     """Each client header is forwarded or dropped as the table says."""
-    client = CIMultiDict([("Connection", "X-Hop"), (name, value)])
-    out = upstream_request_headers(
-        client, auth_header="Authorization", auth_value="Bearer KEY", request_id="r1"
+    client = [("Connection", "X-Hop"), (name, value)]
+    out = CIMultiDict(
+        upstream_request_headers(
+            client, auth_header="Authorization", auth_value="Bearer KEY", request_id="r1"
+        )
     )
     if forwarded:
         assert out.getall(name) == [value]
@@ -46,11 +50,13 @@ def test_request_headers_table(name: str, value: str, forwarded: bool) -> None:
 
 def test_key_and_identity_encoding_are_injected() -> None:
     """The provider key replaces any client credential; identity encoding is asked for."""
-    out = upstream_request_headers(
-        CIMultiDict([("Authorization", "Bearer client")]),
-        auth_header="Authorization",
-        auth_value="Bearer KEY",
-        request_id="r1",
+    out = CIMultiDict(
+        upstream_request_headers(
+            [("Authorization", "Bearer client")],
+            auth_header="Authorization",
+            auth_value="Bearer KEY",
+            request_id="r1",
+        )
     )
     assert out.getall("Authorization") == ["Bearer KEY"]
     assert out["Accept-Encoding"] == "identity"
@@ -66,15 +72,16 @@ RESPONSE_HEADERS = [
     ("Content-Encoding", "gzip", True),
     ("Cache-Control", "no-cache", True),
     ("X-Ratelimit-Remaining", "10", True),
+    ("X-Accel-Buffering", "yes", False),  # the relay's own "no" replaces it
 ]
 
 
 @pytest.mark.parametrize(("name", "value", "forwarded"), RESPONSE_HEADERS)
 def test_response_headers_table(name: str, value: str, forwarded: bool) -> None:
     """Upstream headers pass except hop-by-hop and Set-Cookie; X-Accel-Buffering is added."""
-    out = client_response_headers(CIMultiDict([(name, value)]), request_id="r1")
+    out = CIMultiDict(client_response_headers([(name, value)], request_id="r1"))
     assert (out.get(name) == value) is forwarded
-    assert out["X-Accel-Buffering"] == "no"
+    assert out.getall("X-Accel-Buffering") == ["no"]
 
 
 @pytest.mark.parametrize(
@@ -113,3 +120,27 @@ async def test_upstream_sees_the_key_and_never_the_client_credential(
     assert "Set-Cookie" not in response.headers
     assert response.headers["X-Request-ID"] == "req-42"
     assert FAKE_KEY not in str(response.headers)
+
+
+def test_fresh_request_ids_are_distinct_across_batches() -> None:
+    """Fresh ids are drawn 256 at a time: 600 of them, across three draws, never repeat."""
+    ids = [request_id_from([]) for _ in range(600)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_process_draws_request_ids_of_its_own() -> None:
+    """A child forked mid-batch does not hand out its parent's remaining ids."""
+    request_id_from([])  # the batch is drawn, and has ids left
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id goes to the parent
+        os.write(write, request_id_from([]).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32
+    assert child != request_id_from([])

@@ -16,7 +16,6 @@ from typing import IO
 
 import pytest
 import trustme
-from multidict import CIMultiDict
 from yarl import URL
 
 from relay import connection as connection_module
@@ -122,7 +121,8 @@ async def request(
     pool: Upstreams, method: str, url: str, body: bytes | IO[bytes] = b"", size: int = 0
 ) -> Connection:
     """A request as the relay makes one: sent, then its connection once the head is in."""
-    sent = await pool.send(method, URL(url), CIMultiDict(), body, size)
+    target = URL(url, encoded=True)
+    sent = await pool.send(method, target, target.raw_path_qs, [], body, size)
     return await sent.response()
 
 
@@ -627,9 +627,8 @@ async def test_tls_upstream_is_verified(wire: Callable[..., Awaitable[WireServer
 )
 def test_request_head(method: str, url: str, size: int, expected: bytes) -> None:
     """The request line keeps the encoded path; Host omits a default port; bodies get a length."""
-    assert (
-        _request_head(method, URL(url, encoded=True), CIMultiDict({"X-A": "1"}), size) == expected
-    )
+    target = URL(url, encoded=True)
+    assert _request_head(method, target, target.raw_path_qs, [("X-A", "1")], size) == expected
 
 
 @pytest.mark.parametrize(
@@ -646,4 +645,4 @@ def test_request_head(method: str, url: str, size: int, expected: bytes) -> None
 def test_request_head_refuses_line_breaks(name: str, value: str) -> None:
     """No header name or value can add a header line of its own."""
     with pytest.raises(ValueError, match="line break"):
-        _request_head("GET", URL("http://up/"), CIMultiDict({name: value}), 0)
+        _request_head("GET", URL("http://up/"), "/", [(name, value)], 0)

@@ -21,7 +21,6 @@ from typing import Any
 
 import httptools
 import uvloop
-from multidict import CIMultiDict
 from relay.connection import Connection
 from relay.upstream import Upstreams
 from yarl import URL
@@ -34,7 +33,8 @@ class Client(asyncio.Protocol):
 
     def __init__(self, upstreams: Upstreams, base: str, key: str) -> None:
         self._upstreams = upstreams
-        self._base = base
+        self._origin = URL(base, encoded=True)
+        self._base_path = self._origin.raw_path.rstrip("/")
         self._key = key
         self._transport: Any = None
         self._parser = httptools.HttpRequestParser(self)
@@ -78,17 +78,16 @@ class Client(asyncio.Protocol):
         self._path = self._body = b""
 
     async def _relay(self, method: str, path: bytes, body: bytes) -> None:
-        url = URL(self._base + path.decode(), encoded=True)
-        headers = CIMultiDict(
-            {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
+        headers = [("Authorization", f"Bearer {self._key}"), ("Content-Type", "application/json")]
+        sent = await self._upstreams.send(
+            method, self._origin, self._base_path + path.decode(), headers, body, len(body)
         )
-        sent = await self._upstreams.send(method, url, headers, body, len(body))
         upstream = await sent.response()
         transport = self._transport
         head = [b"HTTP/1.1 %d %b\r\n" % (upstream.status, upstream.reason.encode())]
         head += [
             f"{name}: {value}\r\n".encode()
-            for name, value in upstream.headers.items()
+            for name, value in upstream.fields
             if name.lower() not in HOP_BY_HOP
         ]
         transport.write(b"".join([*head, b"Transfer-Encoding: chunked\r\n\r\n"]))
