@@ -117,6 +117,7 @@ def wavespeed_route(config: Config) -> Route:
 
 async def _close_upstreams(app: web.Application) -> AsyncIterator[None]:
     yield
+    app[STATE].deadlines.stop()
     await app[STATE].upstreams.close()
 
 

@@ -52,6 +52,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from relay.errors import BadRequest, RequestTimeout
+from relay.sweep import NEVER, Sweep, tick_for
 
 logger = structlog.get_logger("relay.front")
 
@@ -97,6 +98,7 @@ class FrontServer:
         self.label = label
         self.fronts: set[Front] = set()
         self.closing = False
+        self.keepalive = Sweep(self.fronts, tick_for(KEEPALIVE_SECONDS))  # closes idle ones
 
     def __call__(self) -> Front:
         return Front(self)
@@ -104,6 +106,7 @@ class FrontServer:
     def pre_shutdown(self) -> None:
         """Close idle connections; busy ones close when their request ends."""
         self.closing = True
+        self.keepalive.stop()
         self.aiohttp.pre_shutdown()
         for front in list(self.fronts):
             front.close_if_idle()
@@ -127,8 +130,8 @@ class Front(asyncio.Protocol):
 
     __slots__ = (
         "_body_framing", "_closing_after", "_drained", "_headers", "_heard", "_idle",
-        "_linger_until", "_loop", "_parser", "_pending", "_raw", "_raw_size", "_url", "peer",
-        "request", "server", "task", "transport", "writing_paused",
+        "_linger_until", "_loop", "_parser", "_pending", "_raw", "_raw_size", "_url", "due",
+        "peer", "request", "server", "task", "transport", "writing_paused",
     )  # fmt: skip
 
     def __init__(self, server: FrontServer) -> None:
@@ -147,7 +150,8 @@ class Front(asyncio.Protocol):
         self._closing_after = False  # the current response is the connection's last
         self.writing_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
+        self.due = NEVER  # while a request is awaited: when the connection closes unused
+        self._idle: asyncio.TimerHandle | None = None  # while lingering: the next look
         self._linger_until = 0.0  # set once the relay has shut its side (see _linger)
         self._heard = 0.0  # when the client last sent bytes while lingering
         self._body_framing = b""  # an upgrade offer's body: the head of a parser to read it
@@ -215,7 +219,13 @@ class Front(asyncio.Protocol):
             self.close()
 
     def _await_request(self) -> None:
-        self._idle = self._loop.call_later(KEEPALIVE_SECONDS, self.close)
+        self.due = self._loop.time() + KEEPALIVE_SECONDS
+        self.server.keepalive.wake()
+
+    def expired(self, now: float) -> None:
+        """No request came for :data:`KEEPALIVE_SECONDS` (the server's sweep tells)."""
+        self.due = NEVER
+        self.close()
 
     def _last_request(self) -> None:
         """No request after this one: its response, if not begun, says so (Connection: close)."""
@@ -234,8 +244,7 @@ class Front(asyncio.Protocol):
             return
         self._parser = None
         self._pending.clear()
-        if self._idle is not None:  # the wait for a request head, when that head was refused
-            self._idle.cancel()
+        self.due = NEVER  # the wait for a request head, when that head was refused
         self._heard = now = self._loop.time()
         self._linger_until = now + LINGER_SECONDS
         transport.write_eof()  # after what is still buffered: the client reads all of it
@@ -319,8 +328,6 @@ class Front(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.server.fronts.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
         raw, self._raw = b"".join(self._raw), []
         self._parser = None
         handler = self.server.aiohttp()
@@ -376,9 +383,7 @@ class Front(asyncio.Protocol):
         target = self._url.decode("latin-1")
         if self.server.handoff(method, target.partition("?")[0]):
             raise _HandOff
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self.due = NEVER
         major, _, minor = parser.get_http_version().partition(".")
         request = Request(self, method, target, (int(major or 1), int(minor or 1)), self._headers)
         coding = request.headers.get("Transfer-Encoding")  # llhttp allows one, ending in chunked

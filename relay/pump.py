@@ -9,9 +9,10 @@ it resumes reading. So a chunk crosses the relay in one callback, with no task s
 no copy beyond the chunked framing.
 
 :class:`Watchdog` enforces the relay's deadlines (first byte, idle gap, maximum duration,
-and the shutdown cut) with one timer per period rather than one per chunk: the forwarder
-only stores the time of its last progress, and the timer re-arms itself from that when it
-fires. :class:`Heartbeat` keeps quiet event streams alive the same way.
+and the shutdown cut) with no timer of its own: the forwarder only stores the time of its
+last progress, and the app's sweep (:mod:`relay.sweep`, one timer for every stream) checks
+it when its deadline comes. :class:`Heartbeat` keeps quiet event streams alive with one
+timer per period, re-armed from the last write when it fires.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from relay.exchange import (
 from relay.metrics import StreamMeters
 from relay.speedups import COMPILED, Forward, frame
 from relay.sse import SseTap
+from relay.sweep import NEVER
 
 if TYPE_CHECKING:
     from relay.front import Request
@@ -50,61 +52,59 @@ class Watchdog:
 
     Before :meth:`streaming` it waits for the upstream's response headers under the
     first-byte deadline; after, for each chunk under the idle deadline. The maximum
-    duration holds throughout, and :meth:`expire` cuts at once (used for shutdown).
+    duration holds throughout, and :meth:`expire` cuts at once (used for shutdown). The
+    app's :class:`~relay.sweep.Sweep` calls :meth:`expired` once :attr:`due` has passed.
     """
 
     # Times are time.monotonic() seconds; loop.time() reads the same monotonic clock on
     # asyncio's loop and on uvloop (at millisecond resolution), so the two compare directly.
-    __slots__ = ("_deadline", "_handle", "_idle", "_loop", "_task", "expired", "last")
+    __slots__ = ("_deadline", "_idle", "_streaming", "_task", "due", "expired_as", "last")
 
     def __init__(
         self, *, started: float, first_byte: float, idle: float, max_duration: float
     ) -> None:
-        self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None, "a Watchdog guards the task that creates it"
         self._task = task
         self._idle = idle
         self._deadline = started + max_duration
-        self.expired: str | None = None
+        self._streaming = False
+        self.expired_as: str | None = None
         self.last = started
-        self._handle = self._loop.call_at(min(started + first_byte, self._deadline), self._ttfb)
+        self.due = min(started + first_byte, self._deadline)
 
     def streaming(self, now: float) -> None:
         """The upstream answered: from now on, guard the gaps between chunks."""
         self.last = now
-        self._handle.cancel()
-        self._handle = self._loop.call_at(min(now + self._idle, self._deadline), self._check)
+        self._streaming = True
+        self.due = min(now + self._idle, self._deadline)
 
     def expire(self, outcome: str) -> None:
         """Cut the guarded task now, recording why (the first reason wins)."""
-        self._handle.cancel()
-        if self.expired is None:
-            self.expired = outcome
+        self.due = NEVER
+        if self.expired_as is None:
+            self.expired_as = outcome
             self._task.cancel()
 
     def stop(self) -> None:
-        self._handle.cancel()
+        self.due = NEVER
 
     def claim(self) -> str | None:
         """After a ``CancelledError``: our outcome if we caused it and nothing else did."""
-        if self.expired is not None and self._task.uncancel() == 0:
-            return self.expired
+        if self.expired_as is not None and self._task.uncancel() == 0:
+            return self.expired_as
         return None
 
-    def _ttfb(self) -> None:
-        self.expire(MAX_DURATION if self._loop.time() >= self._deadline else TTFB_TIMEOUT)
-
-    def _check(self) -> None:
-        now = self._loop.time()
+    def expired(self, now: float) -> None:
+        """The sweep found :attr:`due` passed: cut the task, or look again when it may be."""
         if now >= self._deadline:
             self.expire(MAX_DURATION)
+        elif not self._streaming:
+            self.expire(TTFB_TIMEOUT)
         elif now - self.last >= self._idle:
             self.expire(IDLE_TIMEOUT)
-        else:
-            self._handle = self._loop.call_at(
-                min(self.last + self._idle, self._deadline), self._check
-            )
+        else:  # a chunk came since: the gap is counted from it
+            self.due = min(self.last + self._idle, self._deadline)
 
 
 class ClientGone(ConnectionResetError):

@@ -13,6 +13,7 @@ from relay.gate import Gate
 from relay.limits import Store
 from relay.metrics import RelayMetrics
 from relay.routes import Router
+from relay.sweep import Sweep, tick_for
 from relay.upstream import Upstreams
 
 if TYPE_CHECKING:
@@ -33,9 +34,16 @@ class AppState:
     streams: set[Watchdog] = field(default_factory=set)
     draining: bool = False
     _all_closed: asyncio.Event | None = None  # made by a wait, set when the last stream ends
+    deadlines: Sweep = field(init=False)  # checks every open stream's watchdog
+
+    def __post_init__(self) -> None:
+        config = self.config
+        tick = tick_for(config.first_byte_timeout, config.idle_timeout, config.max_stream_seconds)
+        self.deadlines = Sweep(self.streams, tick)
 
     def stream_opened(self, watchdog: Watchdog) -> None:
         self.streams.add(watchdog)
+        self.deadlines.wake()
 
     def stream_closed(self, watchdog: Watchdog) -> None:
         self.streams.discard(watchdog)
