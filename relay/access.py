@@ -25,6 +25,7 @@ from relay.policy import Allowlist, is_valid_pattern
 
 ALGORITHM = "HS256"  # pinned: the token's own "alg" header is never trusted
 LEEWAY_SECONDS = 30
+ADDRESSES_KEPT = 4096  # principals kept for clients known by address alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class Authenticator:
         self._secret = config.token_secret
         self._keys = config.client_keys
         self._trusted = config.trusted_proxies
+        # Without client auth a client is its address, and its principal the same every
+        # time: kept, it is one lookup instead of a frozen dataclass per request.
+        self._by_address: dict[str, Principal] = {}
 
     @property
     def enabled(self) -> bool:
@@ -58,7 +62,13 @@ class Authenticator:
         self, authorization: str | None, peer: str | None, forwarded_for: Sequence[str]
     ) -> Principal:
         if not self._modes:
-            return Principal(id=f"ip:{client_address(peer, forwarded_for, self._trusted)}")
+            address = client_address(peer, forwarded_for, self._trusted)
+            principal = self._by_address.get(address)
+            if principal is None:
+                if len(self._by_address) >= ADDRESSES_KEPT:
+                    self._by_address.clear()
+                principal = self._by_address[address] = Principal(id=f"ip:{address}")
+            return principal
         scheme, _, credential = (authorization or "").partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:

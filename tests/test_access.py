@@ -9,7 +9,8 @@ import aiohttp
 import jwt
 import pytest
 
-from relay.access import client_address, mint_token
+from relay import access
+from relay.access import Authenticator, client_address, mint_token
 from relay.config import ConfigError, load_config
 from relay.limits import MemoryStore, gcra
 from relay.state import STATE
@@ -20,6 +21,7 @@ from tests.conftest import (
     Relay,
     RelayFactory,
     give_up_before_headers,
+    make_config,
     read_all,
     step,
 )
@@ -448,3 +450,19 @@ async def test_ownership_state_failures_never_cut_a_submission(
     assert polled.status == 503
     assert (await polled.json())["data"]["error"] == "overloaded"
     assert len(upstream.seen) == 1
+
+
+def test_a_client_known_by_address_keeps_one_principal_and_the_kept_ones_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without client auth a principal is its address's: kept for the next request, up
+    to a bound (an X-Forwarded-For from a trusted proxy can name any address)."""
+    monkeypatch.setattr(access, "ADDRESSES_KEPT", 3)
+    auth = Authenticator(make_config("http://127.0.0.1:1"))
+    first = auth.authenticate(None, "203.0.113.5", ())
+    assert first.id == "ip:203.0.113.5"
+    assert auth.authenticate(None, "203.0.113.5", ()) is first
+    assert auth.authenticate("Bearer ignored", "203.0.113.6", ()).id == "ip:203.0.113.6"
+    for n in range(10):
+        assert auth.authenticate(None, f"198.51.100.{n}", ()).id == f"ip:198.51.100.{n}"
+    assert len(auth._by_address) <= 3
