@@ -40,7 +40,6 @@ STEPS = (
     "the upstream request's head, and its send",
     "the stream's meters, while the upstream works",
     "the upstream answers (the rest of its time)",
-    "wake the handler",
     "the response's headers and taps",
     "the response head and the forwarder, up to the first write",
 )
@@ -119,12 +118,14 @@ def install(path: str) -> None:
     proxy._stream = _around_coroutine(proxy._stream, 4, None)
     upstream.Upstreams.send = _around_coroutine(upstream.Upstreams.send, 5, None)  # type: ignore[method-assign]
     connection.Connection.send = _around_coroutine(connection.Connection.send, None, 6)  # type: ignore[method-assign]
-    upstream.Sent.response = _around_coroutine(upstream.Sent.response, 7, 9)  # type: ignore[method-assign]
+    upstream.Sent.response = _around_coroutine(upstream.Sent.response, 7, None)  # type: ignore[method-assign]
     connection.Connection.on_headers_complete = _before(  # type: ignore[method-assign]
         connection.Connection.on_headers_complete, 8
     )
-    front.Request.start = _before(front.Request.start, 10)  # type: ignore[method-assign]
-    connection.Connection.attach = _before(connection.Connection.attach, 11)  # type: ignore[method-assign]
+    # The response begins in the callback that parsed the upstream's head (relay.proxy's
+    # _Opening), not after the handler wakes: no step waits for the loop from here on.
+    front.Request.start = _before(front.Request.start, 9)  # type: ignore[method-assign]
+    connection.Connection.attach = _before(connection.Connection.attach, 10)  # type: ignore[method-assign]
     atexit.register(lambda: Path(path).write_text(json.dumps(_traces)))
 
 

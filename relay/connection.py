@@ -59,8 +59,8 @@ class Connection(asyncio.Protocol):
         "_complete", "_error", "_field_bytes", "_head_bytes", "_held", "_held_bytes", "_interrupt",
         "_keep_alive", "_loop", "_needs_drain", "_parser", "_pool", "_raw_headers", "_reason",
         "_sink", "_skipping_informational", "_transport", "_waiter", "_write_waiter",
-        "data_received", "fields", "has_head", "idle_since", "on_body", "origin", "pooled",
-        "received_any", "status",
+        "data_received", "fields", "has_head", "idle_since", "on_body", "on_head", "origin",
+        "pooled", "received_any", "status",
     )  # fmt: skip
 
     data_received: Switch  # type: ignore[assignment]  # asyncio's method, as a switch: see __init__
@@ -100,6 +100,9 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._interrupt: BaseException | None = None
         self._sink: Sink | None = None
+        # Called with this connection once the response head is parsed, before any of its
+        # body (relay.proxy begins the client's response there); it must not raise.
+        self.on_head: Callable[[Connection], None] | None = None
         self.on_body.target = self._hold
         self._checking()
         self._held: list[bytes] = []
@@ -217,7 +220,7 @@ class Connection(asyncio.Protocol):
         error whose traceback holds the handler's frames), so that a stream's objects are
         freed by reference counting rather than left as cycles for the collector."""
         self._keep_alive = False
-        self._sink = None
+        self._sink = self.on_head = None
         self.on_body.target = _closed
         self._deaf()
         self._held.clear()
@@ -374,6 +377,9 @@ class Connection(asyncio.Protocol):
         self.fields, self._raw_headers = self._raw_headers, []
         self.has_head = True
         self._streaming()
+        on_head, self.on_head = self.on_head, None
+        if on_head is not None:
+            on_head(self)  # may attach a sink: then this read's body goes straight to it
         self._wake()
 
     def on_message_complete(self) -> None:

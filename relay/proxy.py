@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import IO
 
@@ -217,9 +218,7 @@ async def _stream(
     exchange.upstream_contacted = True
     meters: StreamMeters | None = None
     upstream: Connection | None = None
-    sse: SseTap | None = None
-    submission: SubmissionTap | None = None
-    heartbeat: Heartbeat | None = None
+    opening: _Opening | None = None
     try:
         sent = await state.upstreams.send(
             request.method,
@@ -236,26 +235,18 @@ async def _stream(
         meters.active.inc()
         if exchange.bytes_in:
             meters.bytes_in.inc(exchange.bytes_in)
+        opening = _Opening(request, route, exchange, outgoing, meters, watchdog, owner)
+        sent.when_answered(opening)
         upstream = await sent.response()  # a stale pooled connection is replaced here
-        outgoing.sent()
-        exchange.status = upstream.status
-        watchdog.streaming(asyncio.get_running_loop().time())
-        tap: ChunkTap | None = None  # called per chunk by the forwarder
-        if upstream.content_type == "text/event-stream":
-            meters.events = sse = tap = SseTap()  # the forwarder knows its fast path
-        elif owner is not None and upstream.status == 200:
-            submission = SubmissionTap()
-            tap = submission.__call__  # a bound method: the fastest call to a Python object
-        request.start(
-            upstream.status,
-            upstream.reason,
-            headers.client_response_headers(upstream.fields, request_id=exchange.request_id),
-        )
-        forward = Forwarder(request, upstream, exchange, meters, watchdog, tap)
-        if sse is not None and route.sse_heartbeat is not None:
-            heartbeat = Heartbeat(route.sse_heartbeat, forward, upstream, sse, exchange, watchdog)
+        opening(upstream)  # a no-op once the head's arrival did it
+        forward = opening.forward
+        if forward is None:
+            error, opening.error = opening.error, None
+            assert error is not None
+            raise error
         await pump(upstream, forward, request)
         exchange.outcome = COMPLETED
+        submission = opening.submission
         if submission and owner and (task_id := submission.task_id()) is not None:
             # Before the response ends: a client may poll the moment it has the task id.
             await state.gate.record_owner(owner, task_id, config.prediction_ttl)
@@ -294,12 +285,12 @@ async def _stream(
         request.abort()
     finally:
         watchdog.stop()
-        if heartbeat is not None:
-            heartbeat.stop()
+        if opening is not None and opening.heartbeat is not None:
+            opening.heartbeat.stop()
         if meters is not None:
             meters.close()
             meters.active.dec()
-        if sse is not None:
+        if opening is not None and (sse := opening.sse) is not None:
             exchange.sse_events, exchange.terminal = sse.events, sse.terminal
             state.metrics.terminal(exchange.model, sse.terminal)
         state.stream_closed(watchdog)
@@ -308,6 +299,78 @@ async def _stream(
                 upstream.release()  # the connection goes back to the pool
             else:
                 upstream.close()  # the provider sees the disconnect and stops generating
+
+
+class _Opening:
+    """Begins the client's response the moment the upstream's head is parsed.
+
+    The upstream connection calls it from the socket callback that carried the head
+    (:meth:`relay.upstream.Sent.when_answered`), before the body bytes of the same read: so
+    the first chunk goes to the client in that callback, with the head, rather than a turn
+    of the loop later, once the handler's task has woken. The handler calls it again after
+    the head (a no-op by then). What it raises is kept for the handler to raise, in the
+    handler, where it is classified as it always was; and once the handler's task is being
+    cut (a deadline, the client left), it leaves the head to the handler, which is on its
+    way out.
+    """
+
+    __slots__ = (
+        "error", "exchange", "forward", "heartbeat", "meters", "outgoing", "owner", "request",
+        "route", "sse", "submission", "watchdog",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        request: Request,
+        route: Route,
+        exchange: Exchange,
+        outgoing: Outgoing,
+        meters: StreamMeters,
+        watchdog: Watchdog,
+        owner: Principal | None,
+    ) -> None:
+        self.request, self.route, self.exchange, self.outgoing = request, route, exchange, outgoing
+        self.meters, self.watchdog, self.owner = meters, watchdog, owner
+        self.forward: Forwarder | None = None
+        self.error: Exception | None = None
+        self.sse: SseTap | None = None
+        self.submission: SubmissionTap | None = None
+        self.heartbeat: Heartbeat | None = None
+
+    def __call__(self, upstream: Connection) -> None:
+        if self.forward is not None or self.error is not None or self.watchdog.cutting:
+            return
+        try:
+            self._open(upstream)
+        except Exception as exc:
+            self.error = exc
+
+    def _open(self, upstream: Connection) -> None:
+        request, exchange, meters, watchdog = (
+            self.request,
+            self.exchange,
+            self.meters,
+            self.watchdog,
+        )
+        self.outgoing.sent()
+        exchange.status = upstream.status
+        watchdog.streaming(time.monotonic())
+        tap: ChunkTap | None = None  # called per chunk by the forwarder
+        if upstream.content_type == "text/event-stream":
+            meters.events = self.sse = tap = SseTap()  # the forwarder knows its fast path
+        elif self.owner is not None and upstream.status == 200:
+            self.submission = submission = SubmissionTap()
+            tap = submission.__call__  # a bound method: the fastest call to a Python object
+        request.start(
+            upstream.status,
+            upstream.reason,
+            headers.client_response_headers(upstream.fields, request_id=exchange.request_id),
+        )
+        forward = Forwarder(request, upstream, exchange, meters, watchdog, tap)
+        if self.sse is not None and (every := self.route.sse_heartbeat) is not None:
+            self.heartbeat = Heartbeat(every, forward, upstream, self.sse, exchange, watchdog)
+        forward.attach(upstream)
+        self.forward = forward
 
 
 def _uncancel() -> bool:

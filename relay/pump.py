@@ -89,6 +89,11 @@ class Watchdog:
     def stop(self) -> None:
         self.due = NEVER
 
+    @property
+    def cutting(self) -> bool:
+        """The guarded task is being cancelled (by this watchdog, or anyone)."""
+        return self._task.cancelling() > 0
+
     def claim(self) -> str | None:
         """After a ``CancelledError``: our outcome if we caused it and nothing else did."""
         if self.expired_as is not None and self._task.uncancel() == 0:
@@ -159,6 +164,12 @@ class Forwarder:
             sys.maxsize if unsafe else self.SMALL,
         )
 
+    def attach(self, upstream: Connection) -> None:
+        """Become ``upstream``'s sink: the chunks that came with its head go out now, and
+        the next ones as they arrive. A compiled sink is called by vectorcall; the Python
+        twin through its bound method, the fastest way to call it."""
+        upstream.attach(self.sink if COMPILED else self.sink.__call__)
+
     def flush(self) -> None:
         """Write the response head now if no chunk took it yet (before waiting for one)."""
         sink = self.sink
@@ -186,16 +197,14 @@ class Forwarder:
 
 
 async def pump(upstream: Connection, forward: Forwarder, request: Request) -> None:
-    """Relay the upstream's body through ``forward`` until its clean end.
+    """Relay the upstream's body through ``forward``, attached to ``upstream`` as its sink,
+    until its clean end.
 
     The handler's task only waits here: for the response to complete, and for the client
     to drain whenever the forwarder found it full. Raises the upstream's failure, or
     :class:`ClientGone`; the caller classifies it.
     """
-    # The chunks that came with the response head go out now. A compiled sink is called by
-    # vectorcall; the Python twin through its bound method, the fastest way to call it.
-    upstream.attach(forward.sink if COMPILED else forward.sink.__call__)
-    forward.flush()
+    forward.flush()  # the head, if no chunk came with it
     while not await upstream.wait():
         await request.front.drain()  # the client reads again (or is gone: this raises)
         upstream.resume()

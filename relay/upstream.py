@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO
 
 from yarl import URL
@@ -168,7 +168,9 @@ class Sent:
     connection shows itself either as the write fails or as the response never comes.
     """
 
-    __slots__ = ("_body", "_head", "_method", "_origin", "_pool", "_reused", "connection")
+    __slots__ = (
+        "_body", "_head", "_method", "_on_head", "_origin", "_pool", "_reused", "connection",
+    )  # fmt: skip
 
     def __init__(
         self, pool: Upstreams, origin: Origin, method: str, head: bytes, body: bytes | IO[bytes]
@@ -179,7 +181,16 @@ class Sent:
         self._head = head
         self._body = body
         self._reused = False
+        self._on_head: Callable[[Connection], None] | None = None
         self.connection: Connection | None = None
+
+    def when_answered(self, on_head: Callable[[Connection], None]) -> None:
+        """Call ``on_head`` from the socket callback that completes the response head,
+        before the body that came with it (:attr:`Connection.on_head`); also on the
+        connection a stale one is replaced with."""
+        self._on_head = on_head
+        if self.connection is not None:
+            self.connection.on_head = on_head
 
     async def send(self) -> None:
         """Write the request on a pooled connection, or a new one; again on another after
@@ -190,6 +201,7 @@ class Sent:
             if connection is None:
                 connection = await self._pool._connect(self._origin)
             self.connection = connection
+            connection.on_head = self._on_head
             try:
                 await connection.send(self._head, self._body)
                 return

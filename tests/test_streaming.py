@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import pump
+from relay import proxy, pump
+from relay.connection import Connection
 from relay.speedups import ForwardPy
 from relay.state import STATE
 from tests.conftest import (
@@ -394,3 +395,55 @@ async def test_a_stream_lets_go_of_its_request_body_once_sent(
         if stat.size >= len(body) and "/relay/" in stat.traceback[0].filename
     ]
     assert held == []
+
+
+class _Recorded:
+    """Any object: records the attributes set and the methods called on it."""
+
+    def __init__(self, **attributes: object) -> None:
+        self.__dict__.update(attributes)
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: self.calls.append(name)
+
+
+def _opening(cutting: bool, start: object) -> tuple[proxy._Opening, _Recorded]:
+    request = _Recorded(start=start)
+    outgoing = _Recorded()
+    watchdog = _Recorded(cutting=cutting)
+    exchange = _Recorded(request_id="r1")
+    opening = proxy._Opening(
+        request,  # type: ignore[arg-type]
+        _Recorded(sse_heartbeat=None),  # type: ignore[arg-type]
+        exchange,  # type: ignore[arg-type]
+        outgoing,  # type: ignore[arg-type]
+        _Recorded(),  # type: ignore[arg-type]
+        watchdog,  # type: ignore[arg-type]
+        None,
+    )
+    return opening, outgoing
+
+
+def _answered() -> Connection:
+    return _Recorded(status=200, reason="OK", fields=[], content_type="text/plain")  # type: ignore[return-value]
+
+
+def test_a_head_that_comes_while_the_handler_is_being_cut_is_left_to_it() -> None:
+    """A deadline or the client's leaving cancels the handler: a head arriving before it
+    runs again begins nothing (the handler answers the cut as it always did)."""
+    opening, outgoing = _opening(cutting=True, start=None)
+    opening(_answered())
+    assert (opening.forward, opening.error, outgoing.calls) == (None, None, [])
+
+
+def test_what_beginning_the_response_raises_is_kept_for_the_handler() -> None:
+    def start(*_: object) -> None:
+        raise LookupError("a bug")
+
+    opening, outgoing = _opening(cutting=False, start=start)
+    opening(_answered())
+    assert opening.forward is None
+    assert isinstance(opening.error, LookupError)
+    opening(_answered())  # the handler's own call, after: nothing more
+    assert outgoing.calls == ["sent"]

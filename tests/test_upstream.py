@@ -342,6 +342,35 @@ async def test_a_head_that_comes_with_much_of_its_body_in_one_read_is_taken() ->
     assert not transport.paused
 
 
+async def test_the_head_hook_runs_before_the_body_of_its_own_read() -> None:
+    """``on_head`` is called as the head is parsed, once; a sink it attaches takes the body
+    that came in the same read, in that same call: no turn of the loop in between."""
+    connection, _ = _fed()
+    seen: list[object] = []
+    chunks: list[bytes] = []
+
+    def on_head(answered: Connection) -> None:
+        seen.append((answered.status, answered.has_head, answered.fields))
+        answered.attach(chunks.append)
+
+    connection.on_head = on_head
+    head = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    connection.data_received(head + b"5\r\nhello\r\n")  # a stream, its first chunk
+    assert seen == [(200, True, [("X-A", "1"), ("Transfer-Encoding", "chunked")])]
+    assert chunks == [b"hello"]
+    assert connection.on_head is None  # one exchange's: never the next one's
+
+
+async def test_an_interim_response_does_not_call_the_head_hook() -> None:
+    connection, _ = _fed()
+    seen: list[int] = []
+    connection.on_head = lambda answered: seen.append(answered.status)
+    connection.data_received(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert seen == []
+    connection.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert seen == [204]
+
+
 @pytest.mark.parametrize("reads", [1, 8], ids=["one-read", "unfinished-over-reads"])
 async def test_a_head_over_its_limit_is_refused(reads: int) -> None:
     """Whole in one read, or still unfinished once more than the limit arrived."""
@@ -479,6 +508,26 @@ async def test_an_idempotent_request_is_resent_when_a_pooled_connection_was_gone
     connection, chunks = await fetch(pool, server.url, "GET", b"")
     assert b"".join(chunks) == b"ok"
     assert server.connections == 2
+
+
+async def test_the_head_hook_follows_a_request_resent_on_a_new_connection(
+    wire: Callable[..., Awaitable[WireServer]], pool: Upstreams
+) -> None:
+    """``Sent.when_answered`` is called for the connection that answers, not the stale one."""
+    server = await wire(close_on_second_request())
+    connection, _ = await fetch(pool, server.url, "GET", b"")
+    connection.release()
+    target = URL(server.url, encoded=True)
+    sent = await step(pool.send("GET", target, target.raw_path_qs, [], b"", 0))
+    stale = sent.connection
+    answered: list[Connection] = []
+    sent.when_answered(answered.append)
+    connection = await step(sent.response())
+    assert connection is not stale
+    assert answered == [connection]
+    assert stale is not None
+    assert stale.on_head is None  # closed: it lets go of the hook
+    connection.close()
 
 
 async def test_a_post_is_never_resent(
