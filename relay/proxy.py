@@ -329,8 +329,8 @@ class _Opening:
         watchdog: Watchdog,
         owner: Principal | None,
     ) -> None:
-        self.request, self.route, self.exchange, self.outgoing = request, route, exchange, outgoing
-        self.meters, self.watchdog, self.owner = meters, watchdog, owner
+        self.request, self.route, self.exchange = request, route, exchange
+        self.outgoing, self.meters, self.watchdog, self.owner = outgoing, meters, watchdog, owner
         self.forward: Forwarder | None = None
         self.error: Exception | None = None
         self.sse: SseTap | None = None
@@ -346,12 +346,8 @@ class _Opening:
             self.error = exc
 
     def _open(self, upstream: Connection) -> None:
-        request, exchange, meters, watchdog = (
-            self.request,
-            self.exchange,
-            self.meters,
-            self.watchdog,
-        )
+        request, exchange, meters = self.request, self.exchange, self.meters
+        watchdog = self.watchdog
         self.outgoing.sent()
         exchange.status = upstream.status
         watchdog.streaming(time.monotonic())
