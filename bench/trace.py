@@ -35,7 +35,7 @@ STEPS = (
     "read and parse the request head, create its task",
     "the loop runs the task",
     "request id, origin, credential and path checks, admission",
-    "the body, the allowlist, the upstream request's URL and headers",
+    "the body, the allowlist, the upstream request's path and headers",
     "the stream's watchdog",
     "the upstream request's head, and its send",
     "the stream's meters, while the upstream works",
