@@ -17,8 +17,15 @@ both, see the README) is not counted. Instructions are not time (a cache miss co
 than an instruction), but fewer instructions on the same path is less work, measured to
 well under 1%. Compare commits with ``--tree`` pointing at a ``git archive`` of another.
 
+With ``--split``, the relay's request is cut where its time to first byte is decided:
+callgrind dumps its counters as uvloop accepts a connection, reads and writes, so each of
+W5's requests (sent one at a time, with a pause after each) yields the instructions from
+the accept to the request's bytes, from them to the upstream request's write, while the
+upstream works, and from its answer to the client's first write. Whatever runs in the
+third span delays no byte; the other three are the way to the first byte.
+
 Needs valgrind (``apt-get install -y valgrind``); nginx is counted when installed, as one
-process (``master_process off``). Runs in about a minute.
+process (``master_process off``). Runs in about a minute (``--split``: two).
 """
 
 from __future__ import annotations
@@ -63,11 +70,18 @@ class Counted:
     """A system under callgrind: zero its counters, run a batch, read what it executed."""
 
     def __init__(
-        self, argv: list[str], env: dict[str, str], cwd: Path, port: int, workdir: Path
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        port: int,
+        workdir: Path,
+        options: tuple[str, ...] = (),
     ) -> None:
         self.port = port
         self.workdir = workdir
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.%p", *argv]
+        out = f"--callgrind-out-file={workdir}/cg.%p"
+        argv = ["valgrind", "--tool=callgrind", out, *options, *argv]
         self._log_path = workdir / "system.log"
         self._log = self._log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -118,13 +132,68 @@ class Counted:
 
 
 def relay_system(
-    tree: Path, upstream_port: int, workdir: Path, env: dict[str, str], metrics: bool
+    tree: Path,
+    upstream_port: int,
+    workdir: Path,
+    env: dict[str, str],
+    metrics: bool,
+    options: tuple[str, ...] = (),
 ) -> Counted:
     port = free_port()
     full_env = relay_env(upstream_port, port) | {"PYTHONPATH": str(tree)} | env
     speedups_built(tree)
     argv = [sys.executable, "-m", "bench.relay_server", "--metrics", "on" if metrics else "off"]
-    return Counted(argv, full_env, tree, port, workdir)
+    return Counted(argv, full_env, tree, port, workdir, options)
+
+
+# --split: where callgrind dumps, and what each span between two dumps is.
+SPLIT_AT = {  # point: (uvloop's function, what a dump's trigger line names of it)
+    "accept": ("__pyx_f_6uvloop_4loop___uv_streamserver_on_listen", "on_listen"),
+    "read": ("__pyx_f_6uvloop_4loop___uv_stream_on_read", "on_read"),
+    "write": ("__pyx_pw_6uvloop_4loop_8UVStream_*write*", "write"),  # write and writelines
+}
+SPANS = (  # a request's dumps after its accept, in order, and the span each one closes
+    ("read", "from the accept to the request's bytes"),
+    ("write", "from the request's bytes to the upstream request's write"),
+    ("read", "while the upstream works (delays no byte)"),
+    ("write", "from the upstream's answer to the client's first write"),
+)
+UPSTREAM_WORKS = SPANS[2][1]
+TO_FIRST_BYTE = "to the first byte, in all"
+SPLIT_PAUSE = 0.3  # after each request: its last work is done before the next one's accept
+
+
+async def split(system: Counted, requests: int) -> dict[str, float]:
+    """The instructions of each span of :data:`SPANS`, the fewest over ``requests`` (a
+    request that formatted no new Date and ran no collection); their total to the first
+    byte leaves out the upstream's span."""
+    try:
+        await system.started()
+        await _requests(system.port, WARMUP_REQUESTS)
+        await asyncio.sleep(SPLIT_PAUSE)
+        before = set(system.workdir.glob("cg.*"))
+        await _requests(system.port, requests, pause=SPLIT_PAUSE)
+        dumps = sorted(
+            set(system.workdir.glob("cg.*")) - before, key=lambda p: int(p.name.rsplit(".", 1)[1])
+        )
+    finally:
+        system.stop()
+    spans: list[list[int]] = [[] for _ in SPANS]
+    position = len(SPANS)  # not inside a request until its accept
+    for dump in dumps:
+        text = dump.read_text(errors="replace")
+        trigger = next(line for line in text.splitlines() if line.startswith("desc: Trigger:"))
+        point = next((name for name, (_, mark) in SPLIT_AT.items() if mark in trigger), "")
+        if point == "accept":
+            position = 0
+        elif position < len(SPANS) and point == SPANS[position][0]:
+            spans[position].append(_total(dump))
+            position += 1
+    if not all(spans):
+        raise RuntimeError("no request was split as expected")
+    fewest = {label: float(min(counts)) for (_, label), counts in zip(SPANS, spans, strict=True)}
+    fewest[TO_FIRST_BYTE] = sum(fewest[label] for _, label in SPANS if label != UPSTREAM_WORKS)
+    return fewest
 
 
 def nginx_system(upstream_port: int, workdir: Path) -> Counted:
@@ -133,7 +202,7 @@ def nginx_system(upstream_port: int, workdir: Path) -> Counted:
     return Counted(argv, dict(os.environ), workdir, port, workdir)
 
 
-async def _requests(port: int, count: int) -> None:
+async def _requests(port: int, count: int, pause: float = 0.0) -> None:
     """W5's request, one at a time, each on a new connection, read to its end."""
     request = request_bytes(port, "mode=sse&n=1&pad=40")
     for _ in range(count):
@@ -141,6 +210,8 @@ async def _requests(port: int, count: int) -> None:
         await asyncio.wait_for(stream.done, 60)
         if stream.status != 200:
             raise RuntimeError(f"status {stream.status}")
+        if pause:
+            await asyncio.sleep(pause)  # the relay's work after the response ends, done
 
 
 async def _events(port: int, count: int, rate: float) -> None:
@@ -179,7 +250,12 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results = {}
     try:
         env = dict(e.split("=", 1) for e in args.env)
-        relay = relay_system(args.tree.resolve(), upstream_port, workdir, env, args.metrics == "on")
+        tree, metrics = args.tree.resolve(), args.metrics == "on"
+        if args.split:
+            options = tuple(f"--dump-before={function}" for function, _ in SPLIT_AT.values())
+            relay = relay_system(tree, upstream_port, workdir, env, metrics, options)
+            return {"relay": await split(relay, args.requests)}
+        relay = relay_system(tree, upstream_port, workdir, env, metrics)
         results["relay"] = await count(relay, args.requests, args.events, args.rate, args.keep)
         if nginx_binary() is not None and not args.no_nginx:
             nginx = nginx_system(upstream_port, workdir)
@@ -209,10 +285,23 @@ def main() -> None:
     )
     parser.add_argument("--metrics", choices=("on", "off"), default="on", help="as W6 runs it")
     parser.add_argument("--no-nginx", action="store_true", help="count the relay only")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="the relay's request by span, up to its first byte (instructions-split.json)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed: apt-get install -y valgrind")
     results = asyncio.run(measure(args))
+    if args.split:
+        spans = results["relay"]
+        for label, figure in spans.items():
+            print(f"{figure:>10,.0f}  {label}")
+        out = RESULTS / "instructions-split.json"
+        out.write_text(json.dumps({"args": sys.argv[1:], "spans": spans}, indent=1) + "\n")
+        print(f"written: {out}")
+        return
     for name, figures in results.items():
         print(f"{name:6} {figures['per_request']:>10,.0f} instructions per request "
               f"{figures['per_event']:>8,.0f} per event")  # fmt: skip
