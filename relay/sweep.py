@@ -60,7 +60,7 @@ class Sweep:
         if not self._watched:
             return  # idle: the next wake() starts it again
         loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(self.tick, self._run)  # first: whatever expired() does
         now = loop.time()
         for item in [item for item in self._watched if item.due <= now]:
             item.expired(now)  # may remove it from the collection, hence the copy
-        self._handle = loop.call_later(self.tick, self._run)

@@ -127,3 +127,29 @@ async def test_a_stopped_watchdog_is_never_due() -> None:
     task.cancel()
     await _cut(task)
     assert watchdog.claim() is None  # cut by someone else: not ours to claim
+
+
+class Failing(Item):
+    def expired(self, now: float) -> None:
+        super().expired(now)
+        raise LookupError("a bug in one watched object")
+
+
+async def test_one_failing_object_does_not_stop_the_sweep() -> None:
+    """What an ``expired`` raises goes to the loop's handler; the next tick still runs."""
+    loop = asyncio.get_running_loop()
+    errors: asyncio.Queue[object] = asyncio.Queue()
+    loop.set_exception_handler(lambda _, context: errors.put_nowait(context.get("exception")))
+    try:
+        watched: set[Item] = set()
+        sweep = Sweep(watched, tick=0.01)
+        failing = Failing(watched, loop.time())
+        watched.add(failing)
+        sweep.wake()
+        assert isinstance(await step(errors.get()), LookupError)
+        later = Item(watched, loop.time())
+        watched.add(later)  # no wake(): the sweep must still be running
+        await step(later.seen.get())
+        sweep.stop()
+    finally:
+        loop.set_exception_handler(None)
