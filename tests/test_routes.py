@@ -16,7 +16,7 @@ import pytest
 from relay.config import ConfigError, load_config
 from relay.exchange import Exchange
 from relay.pump import HEARTBEAT, Heartbeat
-from relay.routes import Route
+from relay.routes import Endpoint, Route
 from relay.sse import SseTap
 from relay.state import STATE
 from tests.conftest import FAKE_KEY, SSE, STEP, FakeUpstream, Relay, RelayFactory, read_all, step
@@ -513,3 +513,30 @@ async def test_heartbeats_do_not_hold_off_the_idle_timeout(
     await step(upstream.disconnected.wait())
     assert await relay.app[STATE].wait_streams_closed(STEP)
     assert relay.metric("relay_streams_total", model="anthropic/*", outcome="idle_timeout") == 1
+
+
+@pytest.mark.parametrize(
+    ("upstream", "auth_header", "origin", "base_path", "auth"),
+    [
+        ("http://up:8080", "Authorization", "http://up:8080", "", ("Authorization", "Bearer K")),
+        ("https://up/v1", "x-api-key", "https://up", "/v1", ("x-api-key", "K")),
+        (
+            "https://up/a/b%2Fc/",
+            "authorization",
+            "https://up",
+            "/a/b%2Fc",
+            ("authorization", "Bearer K"),
+        ),
+    ],
+)
+def test_a_routes_endpoint_is_its_upstream_worked_out_once(
+    upstream: str, auth_header: str, origin: str, base_path: str, auth: tuple[str, str]
+) -> None:
+    """The pool key and Host come from the origin; the base path goes before each request's
+    path as written (encoded); the key goes in the route's field, as a bearer token in
+    Authorization."""
+    route = Route(name="r", prefix="/r", upstream=upstream, key="K", auth_header=auth_header)
+    endpoint = Endpoint.of(route)
+    assert str(endpoint.origin.origin()) == origin
+    assert endpoint.base_path == base_path
+    assert endpoint.auth == auth
