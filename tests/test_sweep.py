@@ -90,21 +90,21 @@ async def _cut(task: asyncio.Task[None]) -> None:
         await step(task)
 
 
-async def test_no_first_byte_by_its_deadline_cuts_the_stream() -> None:
-    watchdog, task = await _watchdog(first_byte=5.0, idle=2.0, max_duration=60.0)
-    assert watchdog.due == 5.0
-    watchdog.expired(5.0)
+@pytest.mark.parametrize(
+    ("first_byte", "max_duration", "outcome"),
+    [(5.0, 60.0, TTFB_TIMEOUT), (50.0, 10.0, MAX_DURATION)],
+    ids=["first-byte", "first-byte-past-the-maximum"],
+)
+async def test_no_first_byte_by_the_earlier_deadline_cuts_the_stream(
+    first_byte: float, max_duration: float, outcome: str
+) -> None:
+    watchdog, task = await _watchdog(first_byte=first_byte, idle=2.0, max_duration=max_duration)
+    due = min(first_byte, max_duration)
+    assert watchdog.due == due
+    watchdog.expired(due)
     await _cut(task)
-    assert watchdog.claim() == TTFB_TIMEOUT
+    assert watchdog.claim() == outcome
     assert watchdog.due == NEVER
-
-
-async def test_a_first_byte_deadline_past_the_maximum_duration_is_the_maximum() -> None:
-    watchdog, task = await _watchdog(first_byte=50.0, idle=2.0, max_duration=10.0)
-    assert watchdog.due == 10.0
-    watchdog.expired(10.0)
-    await _cut(task)
-    assert watchdog.claim() == MAX_DURATION
 
 
 async def test_the_idle_gap_counts_from_the_last_chunk() -> None:
