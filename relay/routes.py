@@ -75,7 +75,7 @@ class Endpoint:
 
     origin: URL  # the upstream: yarl keeps what it derives from it (pool key, Host field)
     base_path: str  # put before each request's path: "" or, say, "/v1"
-    auth: tuple[str, str]  # the field that carries the key, with its value
+    auth: tuple[str, str] = field(repr=False)  # the field that carries the key, with the key
 
     @classmethod
     def of(cls, route: Route) -> Endpoint:

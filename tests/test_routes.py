@@ -518,14 +518,20 @@ async def test_heartbeats_do_not_hold_off_the_idle_timeout(
 @pytest.mark.parametrize(
     ("upstream", "auth_header", "origin", "base_path", "auth"),
     [
-        ("http://up:8080", "Authorization", "http://up:8080", "", ("Authorization", "Bearer K")),
-        ("https://up/v1", "x-api-key", "https://up", "/v1", ("x-api-key", "K")),
+        (
+            "http://up:8080",
+            "Authorization",
+            "http://up:8080",
+            "",
+            ("Authorization", "Bearer sk-route-key"),
+        ),
+        ("https://up/v1", "x-api-key", "https://up", "/v1", ("x-api-key", "sk-route-key")),
         (
             "https://up/a/b%2Fc/",
             "authorization",
             "https://up",
             "/a/b%2Fc",
-            ("authorization", "Bearer K"),
+            ("authorization", "Bearer sk-route-key"),
         ),
     ],
 )
@@ -535,8 +541,11 @@ def test_a_routes_endpoint_is_its_upstream_worked_out_once(
     """The pool key and Host come from the origin; the base path goes before each request's
     path as written (encoded); the key goes in the route's field, as a bearer token in
     Authorization."""
-    route = Route(name="r", prefix="/r", upstream=upstream, key="K", auth_header=auth_header)
+    route = Route(
+        name="r", prefix="/r", upstream=upstream, key="sk-route-key", auth_header=auth_header
+    )
     endpoint = Endpoint.of(route)
     assert str(endpoint.origin.origin()) == origin
     assert endpoint.base_path == base_path
     assert endpoint.auth == auth
+    assert "sk-route-key" not in repr(endpoint)  # a log of it never shows the key
