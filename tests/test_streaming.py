@@ -398,7 +398,8 @@ async def test_a_stream_lets_go_of_its_request_body_once_sent(
 
 
 class _Recorded:
-    """Any object: records the attributes set and the methods called on it."""
+    """A stand-in for any object: the attributes it is given, and any other name is a
+    method that records its call."""
 
     def __init__(self, **attributes: object) -> None:
         self.__dict__.update(attributes)
