@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import IO, Protocol, TypeVar, cast
 
 import httptools
-from multidict import CIMultiDict
 
 from relay.speedups import Switch
 
@@ -113,12 +112,6 @@ class Connection(asyncio.Protocol):
     @property
     def reason(self) -> str:
         return self._reason.decode("latin-1")
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        """The response's header fields, for lookups by name (the relay itself forwards
-        :attr:`fields` and looks up only the two it needs, without building this)."""
-        return CIMultiDict(self.fields)
 
     @property
     def content_type(self) -> str:

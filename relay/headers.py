@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 HOP_BY_HOP = frozenset(
     {
@@ -84,14 +84,13 @@ def _request_drop(auth_header: str) -> frozenset[str]:
 
 
 def upstream_request_headers(
-    client: Iterable[tuple[str, str]],
+    client: Sequence[tuple[str, str]],
     *,
     auth_header: str,
     auth_value: str,
     request_id: str,
 ) -> Fields:
     """The header fields sent upstream for a client request."""
-    client = list(client)
     drop = _dropped(_request_drop(auth_header), client)
     out = [(name, value) for name, value in client if name.lower() not in drop]
     out += (
@@ -102,9 +101,8 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(upstream: Iterable[tuple[str, str]], *, request_id: str) -> Fields:
+def client_response_headers(upstream: Sequence[tuple[str, str]], *, request_id: str) -> Fields:
     """The header fields sent to the client for an upstream response."""
-    upstream = list(upstream)
     drop = _dropped(_RESPONSE_DROP, upstream)
     out = [
         (name, value)
