@@ -63,6 +63,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "w3_slow": {"size": 256 * MIB, "stall": 3.0},
         "w4": {"streams": 8000, "budget": 30.0},
         "w5": {"rate": 200.0, "count": 1000},
+        "w5_load": {"rate": 1000.0, "count": 2000},
         "w7": {"aborts": 1000},
     },
     "quick": {
@@ -74,6 +75,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "w3_slow": {"size": 64 * MIB, "stall": 1.5},
         "w4": {"streams": 1000, "budget": 15.0},
         "w5": {"rate": 200.0, "count": 200},
+        "w5_load": {"rate": 1000.0, "count": 400},
         "w7": {"aborts": 200},
     },
 }
@@ -94,6 +96,7 @@ PLAN: dict[str, tuple[str, ...]] = {
     "W3slow": (RELAY, NGINX, NAIVE),
     "W4": (RELAY, NGINX, NAIVE),
     "W5": (DIRECT, RELAY, NGINX, NAIVE),
+    "W5load": (DIRECT, RELAY, NGINX),  # the naive relay falls behind 1,000 new requests a second
     "W7": (RELAY, NGINX, NAIVE),
 }
 
@@ -162,6 +165,7 @@ class Run:
             "W3slow": lambda: w3_slow_reader(target, **p["w3_slow"]),
             "W4": lambda: w4_idle(target, **p["w4"]),
             "W5": lambda: w5_ttfb(target, **p["w5"]),
+            "W5load": lambda: w5_ttfb(target, **p["w5_load"]),
             "W7": lambda: w7_churn(target, **p["w7"]),
         }
         return await calls[workload]()
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="everything small (< 2 minutes)")
     parser.add_argument("--rounds", type=int, help="override the profile's number of rounds")
     parser.add_argument(
-        "--only", help="comma-separated workloads to run (W0,W1,W2,W3,W3slow,W4,W5,W7)"
+        "--only", help="comma-separated workloads to run (W0,W1,W2,W3,W3slow,W4,W5,W5load,W7)"
     )
     parser.add_argument("--seed", type=int, help="seed for the shuffled order")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results are written")
