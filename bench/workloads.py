@@ -324,12 +324,14 @@ async def w5_ttfb(target: Target, *, rate: float, count: int) -> Metrics:
             errors[port] += 1
 
     start = loop.time() + 0.05
+    cpu0 = target.system.cpu() if target.system else 0.0
     tasks = [one(target.port, start + i / rate, ttfbs) for i in range(count)]
     if paired:
         tasks += [
             one(target.upstream_port, start + (i + 0.5) / rate, direct_ttfbs) for i in range(count)
         ]
     await asyncio.gather(*tasks)
+    cpu = (target.system.cpu() - cpu0) if target.system else 0.0
     p50, p99 = _us(pct(ttfbs, 0.5)), _us(pct(ttfbs, 0.99))
     result: Metrics = {
         "requests": count,
@@ -337,6 +339,8 @@ async def w5_ttfb(target: Target, *, rate: float, count: int) -> Metrics:
         "p50_us": p50,
         "p99_us": p99,
     }
+    if target.system:  # the whole request's, its end and its log record included
+        result["cpu_ms_per_request"] = round(cpu * 1000 / count, 3)
     if paired:
         direct_p50, direct_p99 = _us(pct(direct_ttfbs, 0.5)), _us(pct(direct_ttfbs, 0.99))
         result |= {
