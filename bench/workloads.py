@@ -298,7 +298,8 @@ async def w5_ttfb(target: Target, *, rate: float, count: int) -> Metrics:
     the difference then see the same state of the machine. (Measured in separate runs, the
     direct figure alone moved by 100 us and more from one run to the next here.) The direct
     requests never touch the system's CPU, so the system still sees one request every
-    ``1 / rate`` seconds."""
+    ``1 / rate`` seconds. The system's CPU per request is all of its CPU over the workload,
+    so each request's end and log record count too."""
     loop = asyncio.get_running_loop()
     paired = target.system is not None
     ttfbs: list[int] = []
