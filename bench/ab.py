@@ -13,7 +13,9 @@ them. It runs one workload per round and prints each round and the medians:
 - ``w5``: W5's time to first byte, p50 added over the direct upstream (W5 pairs each of
   the system's requests with one sent straight to the upstream).
 
-Both commits must have ``bench/relay_server.py``. NEW defaults to HEAD.
+Both commits must have ``bench/relay_server.py``. NEW defaults to HEAD. ``--new-env
+NAME=VALUE`` sets a variable for NEW's relay only: given the same commit twice, it measures
+a setting (``python -m bench.ab HEAD HEAD --new-env PYTHONMALLOC=malloc``).
 """
 
 from __future__ import annotations
@@ -119,13 +121,17 @@ async def run(args: argparse.Namespace, trees: dict[str, Path], workdir: Path) -
     rig, sut = _cpus()
     pin(rig)
 
+    envs = {"base": {}, "new": dict(item.split("=", 1) for item in args.new_env)}
+
     def relay_from(name: str, tree: Path) -> Starter:
-        return lambda port: start_relay(name, port, workdir, sut, metrics=True, tree=tree)
+        return lambda port: start_relay(
+            name, port, workdir, sut, metrics=True, tree=tree, extra_env=envs[name]
+        )
 
     starters = {name: relay_from(name, tree) for name, tree in trees.items()}
     if nginx_binary() is not None:
         starters[NGINX] = lambda port: start_nginx(port, workdir, sut)
-    print(f"base {args.base}, new {args.new}")
+    print(f"base {args.base}, new {args.new}" + "".join(f" {item}" for item in args.new_env))
     medians = await compare(starters, args.workload, args.rounds, workdir, rig)
     base, new = medians["base"], medians["new"]
     print(f"new / base: {new / base:.3f}")
@@ -139,7 +145,16 @@ def main() -> int:
     parser.add_argument("new", nargs="?", default="HEAD", help="the commit to measure")
     parser.add_argument("--workload", choices=sorted(UNITS), default="w2")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--new-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set for NEW's relay only (repeatable)",
+    )
     args = parser.parse_args()
+    if bad := [item for item in args.new_env if "=" not in item]:
+        parser.error(f"--new-env takes NAME=VALUE, not {bad[0]!r}")
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="relay-ab-") as tmp:
         work = Path(tmp)

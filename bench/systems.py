@@ -273,12 +273,13 @@ def start_relay(
     metrics: bool,
     extra_args: tuple[str, ...] = (),
     tree: Path = HERE.parent,
+    extra_env: dict[str, str] | None = None,
 ) -> System:
     """The relay as ``bench.relay_server`` runs it, from this checkout or from ``tree`` (a
-    copy of another commit, for ``python -m bench.ab``)."""
+    copy of another commit, for ``python -m bench.ab``), with ``extra_env`` set for it."""
     port = free_port()
     stats = workdir / f"{name}.stats.json"
-    env = relay_env(upstream_port, port)
+    env = relay_env(upstream_port, port) | (extra_env or {})
     env["BENCH_STATS_FILE"] = str(stats)
     env["PYTHONPATH"] = str(tree)
     speedups_built(tree)
