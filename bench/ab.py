@@ -42,7 +42,7 @@ from bench.systems import (
     start_relay,
     start_upstream,
 )
-from bench.workloads import Target, w2_fanout, w4_idle, w5_ttfb
+from bench.workloads import Metrics, Target, w2_fanout, w4_idle, w5_ttfb
 
 NGINX = "nginx"
 
@@ -79,13 +79,24 @@ async def measure(workload: str, target: Target) -> float:
             raise RuntimeError(f"W2 failed: {result['error']}")
         if result["window"] != "steady":  # it fell behind: its CPU per event includes queueing
             print(f"  {target.system.name if target.system else '?'} saturated in this round")
-        return 1000 * result["cpu_s_per_1k_events"] if workload == "w2" else result["p99_us"]
+        return (
+            1000 * _figure(result, "cpu_s_per_1k_events")
+            if workload == "w2"
+            else _figure(result, "p99_us")
+        )
     if workload == "w4":
         result = await w4_idle(target, **params["w4"])
-        return result["rss_per_stream_bytes"] / 1024
+        return _figure(result, "rss_per_stream_bytes") / 1024
     await w5_ttfb(target, rate=params["w5"]["rate"], count=100)  # warm the upstream pool
     result = await w5_ttfb(target, **params["w5"])  # paired with direct requests
-    return float(result["added_p50_us"])  # type: ignore[arg-type]
+    return _figure(result, "added_p50_us")
+
+
+def _figure(result: Metrics, key: str) -> float:
+    value = result.get(key)
+    if not isinstance(value, int | float):
+        raise RuntimeError(f"no {key} in {result}")
+    return float(value)
 
 
 async def compare(

@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import cast
 
 _STAMP = re.compile(rb'"t":(\d+)')
 MODEL_PATH = "/api/v3/wavespeed-ai/any-llm/stream"
@@ -75,8 +76,8 @@ class Stream(asyncio.Protocol):
 
     # --- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        transport.write(self.request)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport.write(self.request)
         if not self.connected.done():
             self.connected.set_result(None)
 

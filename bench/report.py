@@ -84,8 +84,11 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def targets(medians: Medians) -> list[dict[str, Any]]:
     """The issue's targets, evaluated on this run's medians (None: not measured)."""
-    g = lambda w, s, k: _get(medians, w, s, k)  # noqa: E731 - a local shorthand
-    out = []
+
+    def g(workload: str, system: str, key: str) -> float | None:
+        return _get(medians, workload, system, key)
+
+    out: list[dict[str, Any]] = []
 
     def add(
         name: str, value: float | None, limit: str, ok: bool | None, why: str | None = None

@@ -113,7 +113,7 @@ def install(path: str) -> None:
     # Stamp 0 is a request's first bytes; stamp i ends step i of STEPS.
     front.Front.data_received = arrived  # type: ignore[method-assign]
     front.Front.on_headers_complete = _after(front.Front.on_headers_complete, 1)  # type: ignore[method-assign]
-    server.handle = _around_coroutine(server.handle, 2, None)
+    server.handle = _around_coroutine(server.handle, 2, None)  # type: ignore[attr-defined]
     gate.Gate.admit = _around_coroutine(gate.Gate.admit, None, 3)  # type: ignore[method-assign]
     proxy._stream = _around_coroutine(proxy._stream, 4, None)
     upstream.Upstreams.send = _around_coroutine(upstream.Upstreams.send, 5, None)  # type: ignore[method-assign]

@@ -52,6 +52,23 @@ class Stats:
         self.requests = 0
 
 
+class _Stream:
+    """The response in progress on a connection: its query's settings, and how far an SSE
+    response has gone."""
+
+    __slots__ = ("events", "gap", "hold", "id", "next_at", "pad", "sent")
+
+    def __init__(self, params: dict[str, str], now: float) -> None:
+        self.id = params.get("id")
+        self.events = int(params.get("n", "1"))  # 0: until the client goes
+        self.hold = params.get("hold") == "1"
+        self.pad = b"x" * int(params.get("pad", "40"))
+        rate = float(params.get("rate", "0"))
+        self.gap = 1.0 / rate if rate > 0 else 0.0
+        self.next_at = now  # when the event last written was due
+        self.sent = 0
+
+
 class UpstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "_block",
@@ -72,7 +89,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
         self._handle: asyncio.TimerHandle | None = None
-        self._stream: dict[str, object] | None = None
+        self._stream: _Stream | None = None
         self._paused = False
         self._pending: tuple[int, int] | None = None  # bulk: (offset, remaining)
 
@@ -142,17 +159,12 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         self._stats.requests += 1
         self._stats.open_streams += 1
-        self._stream = params
+        self._stream = _Stream(params, self._loop.time())
         if params.get("mode") == "bulk":
             transport.write(_BULK_HEAD)
             self._pending = (0, int(params["bytes"]))
             self._bulk_pump()
         else:
-            params["_i"] = 0  # type: ignore[assignment]
-            params["_pad"] = b"x" * int(params.get("pad", "40"))  # type: ignore[assignment]
-            rate = float(params.get("rate", "0"))
-            params["_gap"] = 1.0 / rate if rate > 0 else 0.0  # type: ignore[assignment]
-            params["_next"] = self._loop.time()  # type: ignore[assignment]
             self._sse_tick(head=_SSE_HEAD)
 
     # --- SSE ----------------------------------------------------------------------------
@@ -161,29 +173,24 @@ class UpstreamProtocol(asyncio.Protocol):
         stream, transport = self._stream, self._transport
         if stream is None or transport is None:
             return
-        i: int = stream["_i"]  # type: ignore[assignment]
-        n = int(stream.get("n", "1"))  # type: ignore[arg-type]
         event = b'data: {"i":%d,"t":%d,"delta":"%s"}\n\n' % (
-            i,
+            stream.sent,
             time.monotonic_ns(),
-            stream["_pad"],
+            stream.pad,
         )
-        i += 1
-        stream["_i"] = i
+        stream.sent += 1
         frame = b"%s%x\r\n%s\r\n" % (head, len(event), event)
-        if n and i >= n:
-            if stream.get("hold") == "1":
+        if stream.events and stream.sent >= stream.events:
+            if stream.hold:
                 transport.write(frame)
                 return
             transport.write(frame + _LAST)
             self._end_stream(closed=False)
             return
         transport.write(frame)
-        gap: float = stream["_gap"]  # type: ignore[assignment]
-        if gap:
-            nxt = stream["_next"] + gap  # type: ignore[operator]
-            stream["_next"] = nxt
-            self._handle = self._loop.call_at(nxt, self._sse_tick)
+        if stream.gap:
+            stream.next_at += stream.gap
+            self._handle = self._loop.call_at(stream.next_at, self._sse_tick)
 
     # --- bulk ---------------------------------------------------------------------------
     def _bulk_pump(self) -> None:
@@ -213,8 +220,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self._stream = None
         self._pending = None
         self._stats.open_streams -= 1
-        if closed and "id" in stream:
-            self._stats.closed[str(stream["id"])] = time.monotonic_ns()
+        if closed and stream.id is not None:
+            self._stats.closed[stream.id] = time.monotonic_ns()
 
 
 async def serve(port: int, ready: asyncio.Future[int] | None = None) -> None:

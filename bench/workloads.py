@@ -12,6 +12,7 @@ import json
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TypedDict
 
 from bench.client import EventSink, Stream, http_json, open_stream, request_bytes
 from bench.systems import System, cpu_seconds, cpu_split
@@ -56,15 +57,24 @@ def expected_digest(size: int) -> int:
     return zlib.crc32(block[:rest], crc)
 
 
-async def _upstream_stats(target: Target) -> dict[str, object]:
-    return json.loads(await http_json(target.upstream_port, "GET", "/_bench/stats"))  # type: ignore[no-any-return]
+class UpstreamStats(TypedDict):
+    """The fake upstream's ``GET /_bench/stats``."""
+
+    open_streams: int
+    requests: int
+    closed: dict[str, int]  # a stream's id -> when its connection closed (monotonic ns)
+
+
+async def _upstream_stats(target: Target) -> UpstreamStats:
+    stats: UpstreamStats = json.loads(await http_json(target.upstream_port, "GET", "/_bench/stats"))
+    return stats
 
 
 async def _settle(target: Target, open_before: int, within: float) -> int:
     """Wait until the upstream holds no more streams than before; returns what it holds."""
     deadline = time.monotonic() + within
     while True:
-        held = int((await _upstream_stats(target))["open_streams"])  # type: ignore[call-overload]
+        held = (await _upstream_stats(target))["open_streams"]
         if held <= open_before or time.monotonic() > deadline:
             return held
         await asyncio.sleep(0.1)
@@ -221,7 +231,7 @@ async def w3_slow_reader(target: Target, *, size: int, stall: float) -> Metrics:
 
     rss0 = target.system.rss()
     request = request_bytes(target.port, f"mode=bulk&bytes={size}")
-    open_before = int((await _upstream_stats(target))["open_streams"])  # type: ignore[call-overload]
+    open_before = (await _upstream_stats(target))["open_streams"]
     stream = await open_stream(target.port, request, on_body=on_body)
     holder.append(stream)
     await asyncio.wait_for(started, 30)
@@ -245,7 +255,7 @@ async def w4_idle(
     """Open ``streams`` idle streams within ``budget`` seconds; RSS per stream held."""
     assert target.system is not None
     request = request_bytes(target.port, "mode=sse&n=1&hold=1&pad=40")
-    open_before = int((await _upstream_stats(target))["open_streams"])  # type: ignore[call-overload]
+    open_before = (await _upstream_stats(target))["open_streams"]
     rss0, fds0 = target.system.rss(), target.system.fds()
     gate = asyncio.Semaphore(concurrency)
     held: list[Stream] = []
@@ -408,7 +418,6 @@ async def w7_churn(target: Target, *, aborts: int, concurrency: int = 50) -> Met
     await asyncio.sleep(0.5)
     rss1, fds1, tasks1 = system.rss(), system.fds(), system.tasks()
     closed = (await _upstream_stats(target))["closed"]
-    assert isinstance(closed, dict)
     lags = [closed[k] - t for k, t in aborted.items() if k in closed]
     return {
         "aborts": len(aborted),
