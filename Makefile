@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml setup.py relay/_speedups.c
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
