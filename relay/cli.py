@@ -8,13 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from relay import __version__, log, server, workers
 from relay.access import mint_token
 from relay.config import ConfigError, load_config
 from relay.credentials import MIN_TOKEN_SECRET_BYTES
-from relay.mock_upstream import create_mock_app
 
 _OVERRIDES = (
     "host",
@@ -74,10 +71,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)  # what a worker is started with
     environ = dict(os.environ) if environ is None else environ
+    try:
+        return _run(args, argv, environ)
+    except server.CannotListen as exc:  # a port in use: one line, not a traceback
+        print(f"relay {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, argv: list[str], environ: dict[str, str]) -> int:
     if args.command == "mock-upstream":
         log.configure()
-        web.run_app(create_mock_app(args.key), host=args.host, port=args.port, print=None)
+        server.run(lambda: server.serve_mock(args.host, args.port, args.key))
         return 0
     if args.command == "demo":
         from relay import demo  # the page and the mock load only when the demo runs
@@ -101,7 +107,6 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     secrets = [config.api_key, config.token_secret, *(route.key for route in config.routes)]
     log.configure(config.log_level, config.log_format, secrets=secrets)
     if config.workers > 1 and not workers.worker_environment(environ):
-        argv = list(sys.argv[1:] if argv is None else argv)
         server.run(workers.Supervisor(config, argv, environ).run)
     else:
         sock = workers.inherited_socket(environ)

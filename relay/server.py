@@ -8,11 +8,13 @@ requests on kept-alive connections get 503 ``shutting_down``, open streams may f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
+import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, cast
 
 import structlog
@@ -24,6 +26,7 @@ from relay.config import Config
 from relay.exchange import SHUTDOWN
 from relay.front import FrontServer
 from relay.health import create_admin_app
+from relay.mock_upstream import create_mock_app
 from relay.state import STATE
 
 logger = structlog.get_logger("relay.server")
@@ -34,6 +37,45 @@ BACKLOG = 2048
 GC_THRESHOLDS = (20_000, 20, 20)
 # After the grace ran out and the streams were cut, how long their handlers may take to end.
 CUT_SETTLE_SECONDS = 5.0
+
+
+class CannotListen(Exception):
+    """A listener could not take its address: in use, not this host's, or not permitted."""
+
+
+def _cannot_listen(exc: OSError, address: str, setting: str) -> CannotListen:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return CannotListen(f"cannot listen on {address}: {reason} (set {setting})")
+
+
+async def listen(site: web.BaseSite, address: str, setting: str) -> None:
+    """Start ``site``; if its address cannot be bound, raise :class:`CannotListen` with the
+    OS's reason and the ``setting`` that chooses another (a message, not a traceback)."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise _cannot_listen(exc, address, setting) from exc
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The public listening socket that ``relay serve --workers N`` shares with its workers."""
+    try:
+        return socket.create_server((host, port), backlog=BACKLOG)
+    except OSError as exc:
+        raise _cannot_listen(exc, f"{host}:{port}", "RELAY_PORT") from exc
+
+
+@contextlib.contextmanager
+def stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT set ``stop`` (and no longer end the process)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 class RelayRunner(web.AppRunner):
@@ -89,43 +131,53 @@ async def serve(
     listener (the supervisor serves ``/metrics`` for all workers).
     """
     app = app if app is not None else create_app(config)
-    state = app[STATE]
     stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    with stopped_by_signals(stop):
+        await _serve(config, app, stop, on_ready, sock, admin)
 
+
+async def _serve(
+    config: Config,
+    app: web.Application,
+    stop: asyncio.Event,
+    on_ready: Callable[[str, str], None] | None,
+    sock: socket.socket | None,
+    admin: bool,
+) -> None:
+    state = app[STATE]
     runner = make_runner(app)
     await runner.setup()
-    site: web.BaseSite = (
-        web.SockSite(runner, sock)
-        if sock is not None
-        else web.TCPSite(runner, config.host, config.port, backlog=BACKLOG)
-    )
-    await site.start()
-    public_url = url_of(runner)
     admin_runner: web.AppRunner | None = None
-    admin_url = public_url
-    if admin and not config.admin_shares_public_listener:
-        admin_runner = web.AppRunner(
-            create_admin_app(state, state.metrics.registry), access_log=None
-        )
-        await admin_runner.setup()
-        await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
-        admin_url = url_of(admin_runner)
-
-    _tune_gc()
-    logger.info(
-        "relay_started" if admin else "worker_ready",
-        url=public_url,
-        admin_url=admin_url,
-        upstream=config.upstream_url,
-        allowed_models=list(config.allowed_models),
-        speedups=speedups.COMPILED,
-    )
-    if on_ready is not None:
-        on_ready(public_url, admin_url)
+    started = False
     try:
+        site: web.BaseSite = (
+            web.SockSite(runner, sock)
+            if sock is not None
+            else web.TCPSite(runner, config.host, config.port, backlog=BACKLOG)
+        )
+        await listen(site, f"{config.host}:{config.port}", "RELAY_PORT")
+        public_url = admin_url = url_of(runner)
+        if admin and not config.admin_shares_public_listener:
+            admin_runner = web.AppRunner(
+                create_admin_app(state, state.metrics.registry), access_log=None
+            )
+            await admin_runner.setup()
+            admin_site = web.TCPSite(admin_runner, config.admin_host, config.admin_port)
+            await listen(admin_site, f"{config.admin_host}:{config.admin_port}", "RELAY_ADMIN_PORT")
+            admin_url = url_of(admin_runner)
+
+        _tune_gc()
+        logger.info(
+            "relay_started" if admin else "worker_ready",
+            url=public_url,
+            admin_url=admin_url,
+            upstream=config.upstream_url,
+            allowed_models=list(config.allowed_models),
+            speedups=speedups.COMPILED,
+        )
+        started = True
+        if on_ready is not None:
+            on_ready(public_url, admin_url)
         await stop.wait()
         state.draining = True
         logger.info("draining", open_streams=len(state.streams), grace_s=config.shutdown_grace)
@@ -136,9 +188,22 @@ async def serve(
         await runner.cleanup()
         if admin_runner is not None:
             await admin_runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        logger.info("relay_stopped")
+        if started:
+            logger.info("relay_stopped")
+
+
+async def serve_mock(host: str, port: int, key: str) -> None:
+    """``relay mock-upstream``: only the built-in mock upstream, until SIGTERM or SIGINT."""
+    runner = web.AppRunner(create_mock_app(key))
+    await runner.setup()
+    try:
+        await listen(web.TCPSite(runner, host, port), f"{host}:{port}", "--port")
+        logger.info("mock_upstream_started", url=url_of(runner))
+        stop = asyncio.Event()
+        with stopped_by_signals(stop):
+            await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def _tune_gc() -> None:

@@ -25,7 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from relay.config import Config
 from relay.health import create_admin_app
-from relay.server import BACKLOG, CUT_SETTLE_SECONDS, url_of
+from relay.server import CUT_SETTLE_SECONDS, CannotListen, bind, listen, url_of
 
 logger = structlog.get_logger("relay.workers")
 
@@ -51,7 +51,7 @@ class Supervisor:
     async def run(self) -> None:
         config = self.config
         metrics_dir = _fresh_metrics_dir(self.environ.get(METRICS_DIR_ENV))
-        sock = socket.create_server((config.host, config.port), backlog=BACKLOG)
+        sock = bind(config.host, config.port)
         sock.set_inheritable(True)
         env = {**self.environ, METRICS_DIR_ENV: str(metrics_dir), LISTEN_FD_ENV: str(sock.fileno())}
 
@@ -59,7 +59,13 @@ class Supervisor:
         MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
         admin = web.AppRunner(create_admin_app(self, registry), access_log=None)
         await admin.setup()
-        await web.TCPSite(admin, config.admin_host, config.admin_port).start()
+        admin_site = web.TCPSite(admin, config.admin_host, config.admin_port)
+        try:
+            await listen(admin_site, f"{config.admin_host}:{config.admin_port}", "RELAY_ADMIN_PORT")
+        except CannotListen:
+            sock.close()
+            await admin.cleanup()
+            raise
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

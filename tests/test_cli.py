@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 
@@ -169,3 +170,70 @@ def test_check_config_lists_problems_and_never_the_key(capsys) -> None:
     err = capsys.readouterr().err
     for name in ("RELAY_PORT", "RELAY_LOG_LEVEL", "WAVESPEED_API_KEY"):
         assert name in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "taken", "setting"),
+    [
+        (["serve"], "RELAY_PORT", "RELAY_PORT"),
+        (["serve"], "RELAY_ADMIN_PORT", "RELAY_ADMIN_PORT"),
+        (["serve", "--workers", "2"], "RELAY_PORT", "RELAY_PORT"),
+        (["serve", "--workers", "2"], "RELAY_ADMIN_PORT", "RELAY_ADMIN_PORT"),
+        (["demo"], "RELAY_PORT", "RELAY_PORT"),
+        (["mock-upstream", "--port"], "argument", "--port"),
+    ],
+    ids=["serve", "serve-admin", "workers", "workers-admin", "demo", "mock-upstream"],
+)
+async def test_a_port_in_use_is_one_line_naming_the_setting(
+    argv: list[str], taken: str, setting: str
+) -> None:
+    """A listener whose port is taken ends the command with exit 1 and one line naming the
+    address, the reason and the setting to change: no traceback."""
+    with contextlib.closing(socket.create_server(("127.0.0.1", 0))) as holder:
+        port = str(holder.getsockname()[1])
+        environ = {
+            "PATH": os.environ["PATH"],
+            "WAVESPEED_API_KEY": FAKE_KEY,
+            "RELAY_PORT": "0",
+            "RELAY_ADMIN_PORT": "0",
+        }
+        if taken == "argument":
+            argv = [*argv, port]
+        else:
+            environ[taken] = port
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", *argv,
+            env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await step(proc.communicate())
+    assert proc.returncode == 1, out.decode() + err.decode()
+    message = err.decode()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (set {setting})" in message
+    assert "Traceback" not in message
+    assert message.count("\n") == 1
+    assert "relay_stopped" not in out.decode()  # it never started
+
+
+async def test_mock_upstream_says_where_it_listens_and_stops_on_sigterm() -> None:
+    """``relay mock-upstream --port 0`` logs the address it took, answers a stream there, and
+    exits 0 on SIGTERM."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "mock-upstream", "--port", "0",
+        env={"PATH": os.environ["PATH"]}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        record = json.loads(await step(proc.stdout.readline()))
+        assert record["event"] == "mock_upstream_started"
+        url = record["url"] + STREAM + "?delay=0"
+        headers = {"Authorization": "Bearer any"}
+        async with aiohttp.ClientSession() as s, s.post(url, json={}, headers=headers) as r:
+            assert r.status == 200
+            assert b"data: [DONE]" in await read_all(r)
+        proc.send_signal(signal.SIGTERM)
+        assert await step(proc.wait()) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
