@@ -4,13 +4,16 @@ The supervisor binds the public socket once and hands it to each worker (they al
 it), serves the admin listener itself with the workers' metrics summed (Prometheus
 multiprocess mode; the active-streams gauge summed over live workers), restarts a worker
 that dies, and on SIGTERM turns ``/readyz`` to 503, passes the signal on, and waits for the
-workers' own drains before it exits 0.
+workers' own drains before it exits 0. The workers' metrics files go to
+``PROMETHEUS_MULTIPROC_DIR``, or to a temporary folder of the supervisor's own, removed
+when it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import socket
 import sys
@@ -25,7 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from relay.config import Config
 from relay.health import create_admin_app
-from relay.server import CUT_SETTLE_SECONDS, CannotListen, bind, listen, url_of
+from relay.server import CUT_SETTLE_SECONDS, bind, listen, stopped_by_signals, url_of
 
 logger = structlog.get_logger("relay.workers")
 
@@ -50,27 +53,32 @@ class Supervisor:
 
     async def run(self) -> None:
         config = self.config
-        metrics_dir = _fresh_metrics_dir(self.environ.get(METRICS_DIR_ENV))
         sock = bind(config.host, config.port)
-        sock.set_inheritable(True)
-        env = {**self.environ, METRICS_DIR_ENV: str(metrics_dir), LISTEN_FD_ENV: str(sock.fileno())}
-
+        configured = self.environ.get(METRICS_DIR_ENV)
+        metrics_dir = _fresh_metrics_dir(configured)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
         admin = web.AppRunner(create_admin_app(self, registry), access_log=None)
-        await admin.setup()
-        admin_site = web.TCPSite(admin, config.admin_host, config.admin_port)
         try:
+            await admin.setup()
+            admin_site = web.TCPSite(admin, config.admin_host, config.admin_port)
             await listen(admin_site, f"{config.admin_host}:{config.admin_port}", "RELAY_ADMIN_PORT")
-        except CannotListen:
+            stop = asyncio.Event()
+            with stopped_by_signals(stop):
+                await self._supervise(sock, metrics_dir, url_of(admin), stop)
+        finally:
             sock.close()
             await admin.cleanup()
-            raise
+            if configured is None:  # a folder of its own: nothing reads its files after it
+                shutil.rmtree(metrics_dir, ignore_errors=True)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def _supervise(
+        self, sock: socket.socket, metrics_dir: Path, admin_url: str, stop: asyncio.Event
+    ) -> None:
+        """Run the workers until ``stop`` is set, then drain them."""
+        config = self.config
+        sock.set_inheritable(True)
+        env = {**self.environ, METRICS_DIR_ENV: str(metrics_dir), LISTEN_FD_ENV: str(sock.fileno())}
         slots = [
             asyncio.create_task(self._keep_running(slot, env, sock, metrics_dir))
             for slot in range(config.workers)
@@ -79,7 +87,7 @@ class Supervisor:
         logger.info(
             "relay_started",
             url=f"http://{host}:{port}",
-            admin_url=url_of(admin),
+            admin_url=admin_url,
             workers=config.workers,
             upstream=config.upstream_url,
             allowed_models=list(config.allowed_models),
@@ -101,8 +109,6 @@ class Supervisor:
             for task in slots:
                 task.cancel()
             await asyncio.gather(*slots, return_exceptions=True)
-            sock.close()
-            await admin.cleanup()
             logger.info("relay_stopped")
 
     async def _keep_running(

@@ -128,3 +128,22 @@ async def test_sigterm_lets_a_workers_stream_finish(upstream: FakeUpstream) -> N
             assert await read_all(response) == b"data: 2\n\n"
         assert await relay.finish() == 0
     assert '"outcome":"completed"' in relay.output
+
+
+async def test_a_metrics_folder_of_its_own_is_removed_on_exit(
+    upstream: FakeUpstream, tmp_path
+) -> None:
+    """Without PROMETHEUS_MULTIPROC_DIR the supervisor keeps the workers' metrics in a
+    temporary folder, and removes it when it exits; every run would leave one otherwise."""
+    feed = upstream.stream()
+    async with relay_process(upstream.url, "--workers", "2", TMPDIR=str(tmp_path)) as relay:
+        await _worker_pids(relay, 2)
+        async with aiohttp.ClientSession() as session:
+            response = await _first_event(session, relay, feed)
+            feed.end()
+            assert await read_all(response) == b""
+        (folder,) = tmp_path.glob("relay-metrics-*")
+        assert list(folder.glob("*.db")), "the workers' metrics are not in the folder"
+        relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.finish() == 0
+    assert not list(tmp_path.glob("relay-metrics-*"))
